@@ -1,0 +1,124 @@
+"""Frozen configuration dataclasses: the model's shape, the engine's limits, the server's knobs."""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+SUPPORTED_ARCHITECTURES = {
+    # HF `architectures[0]` / `model_type` -> our family name
+    "LlamaForCausalLM": "llama",
+    "MistralForCausalLM": "mistral",
+    "Qwen2ForCausalLM": "qwen2",
+    "Qwen3ForCausalLM": "qwen3",
+}
+
+
+def cache_dir() -> Path:
+    """Root of everything jaxserve caches on disk (converted models, compiled XLA programs)."""
+    return Path(os.environ.get("JAXSERVE_CACHE", Path.home() / ".cache" / "jaxserve")).expanduser()
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """Llama-3 style frequency scaling (`rope_type: llama3`) or linear scaling; None means plain RoPE."""
+
+    rope_type: str = "default"
+    factor: float = 1.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    family: str  # llama | mistral | qwen2 | qwen3
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScaling | None = None
+    max_position_embeddings: int = 2048
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False  # qkv bias (Qwen2)
+    qk_norm: bool = False  # per-head RMSNorm on q and k (Qwen3)
+    sliding_window: int | None = None
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+
+    @classmethod
+    def from_hf_config(cls, hf: dict[str, Any], generation_config: dict[str, Any] | None = None) -> "ModelConfig":
+        archs = hf.get("architectures") or []
+        family = None
+        for arch in archs:
+            family = SUPPORTED_ARCHITECTURES.get(arch)
+            if family:
+                break
+        if family is None:
+            mt = hf.get("model_type")
+            family = mt if mt in SUPPORTED_ARCHITECTURES.values() else None
+        if family is None:
+            raise ValueError(
+                f"unsupported architecture {archs or hf.get('model_type')!r}; "
+                f"supported: {sorted(SUPPORTED_ARCHITECTURES)}"
+            )
+        num_heads = int(hf["num_attention_heads"])
+        hidden = int(hf["hidden_size"])
+        head_dim = hf.get("head_dim") or hidden // num_heads
+        rs = hf.get("rope_scaling") or None
+        rope_theta = hf.get("rope_theta")
+        rope_params = hf.get("rope_parameters")  # transformers >= 5 moves theta/scaling here
+        if isinstance(rope_params, dict):
+            rope_theta = rope_theta or rope_params.get("rope_theta")
+            if rs is None and rope_params.get("rope_type", "default") != "default":
+                rs = rope_params
+        scaling = None
+        if rs:
+            rtype = rs.get("rope_type", rs.get("type", "default"))
+            if rtype not in ("default", "llama3", "linear"):
+                raise ValueError(f"unsupported rope_scaling type {rtype!r} (supported: llama3, linear)")
+            if rtype != "default":
+                scaling = RopeScaling(
+                    rope_type=rtype,
+                    factor=float(rs.get("factor", 1.0)),
+                    low_freq_factor=float(rs.get("low_freq_factor", 1.0)),
+                    high_freq_factor=float(rs.get("high_freq_factor", 4.0)),
+                    original_max_position_embeddings=int(rs.get("original_max_position_embeddings", 8192)),
+                )
+        eos: list[int] = []
+        for src in (hf, generation_config or {}):
+            e = src.get("eos_token_id")
+            for x in (e if isinstance(e, list) else [e]):
+                if x is not None and int(x) not in eos:
+                    eos.append(int(x))
+        sliding = hf.get("sliding_window") if hf.get("use_sliding_window", family == "mistral") else None
+        return cls(
+            family=family,
+            vocab_size=int(hf["vocab_size"]),
+            hidden_size=hidden,
+            intermediate_size=int(hf["intermediate_size"]),
+            num_layers=int(hf["num_hidden_layers"]),
+            num_heads=num_heads,
+            num_kv_heads=int(hf.get("num_key_value_heads") or num_heads),
+            head_dim=int(head_dim),
+            rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+            rope_theta=float(rope_theta or 10000.0),
+            rope_scaling=scaling,
+            max_position_embeddings=int(hf.get("max_position_embeddings", 2048)),
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            attention_bias=bool(hf.get("attention_bias", family == "qwen2")),
+            qk_norm=family == "qwen3",
+            sliding_window=int(sliding) if sliding else None,
+            bos_token_id=hf.get("bos_token_id"),
+            eos_token_ids=tuple(eos),
+        )
+
+    def replace(self, **kw: Any) -> "ModelConfig":
+        return dataclasses.replace(self, **kw)
