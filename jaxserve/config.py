@@ -122,3 +122,48 @@ class ModelConfig:
 
     def replace(self, **kw: Any) -> "ModelConfig":
         return dataclasses.replace(self, **kw)
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Limits and shapes of the engine. Shape buckets are what the runner precompiles at start-up."""
+
+    model: str | None = None  # HF directory or .gguf file; None = the embedded default model
+    dtype: str = "auto"  # auto (float32 on CPU, bfloat16 on GPU/TPU) | float32 | bfloat16
+    max_model_len: int | None = None  # None: min(model's max positions, 8192)
+    page_size: int = 16
+    num_pages: int | None = None  # None: derived from kv_memory_fraction (accelerators) or max_model_len
+    kv_memory_fraction: float = 0.5
+    max_running_requests: int = 64
+    max_num_batched_tokens: int = 512  # chunked-prefill budget per step
+    max_queued_requests: int = 1024
+    attention_backend: str = "auto"  # auto | reference | pallas
+    tp_size: int = 1
+    compilation_cache_dir: str | None = "auto"  # "auto" = cache_dir()/xla; None disables
+    seed: int = 0
+    grammar_capacity_states: int = 65536  # rows of the device grammar mask pool
+
+    def __post_init__(self) -> None:
+        if self.page_size not in (8, 16, 32, 64, 128):
+            raise ValueError(f"page_size must be one of 8, 16, 32, 64, 128, got {self.page_size}")
+        if self.max_running_requests < 1:
+            raise ValueError("max_running_requests must be >= 1")
+        if self.max_num_batched_tokens < 16:
+            raise ValueError("max_num_batched_tokens must be >= 16")
+        if self.attention_backend not in ("auto", "reference", "pallas"):
+            raise ValueError(f"attention_backend must be auto, reference or pallas, got {self.attention_backend!r}")
+        if self.dtype not in ("auto", "float32", "bfloat16"):
+            raise ValueError(f"dtype must be auto, float32 or bfloat16, got {self.dtype!r}")
+        if not 0.0 < self.kv_memory_fraction <= 0.95:
+            raise ValueError("kv_memory_fraction must be in (0, 0.95]")
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    host: str = "127.0.0.1"
+    port: int = 30000
+    served_model_name: str | None = None  # None: derived from the model path
+    api_key: str | None = None
+    log_level: str = "info"
+    max_request_body_bytes: int = 16 * 1024 * 1024
