@@ -1,0 +1,19 @@
+"""Build the pure forward function of a loaded model for a given KV-cache implementation."""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+
+from jaxserve.config import ModelConfig
+from jaxserve.models.llama import LlamaModel, dtype_of
+
+
+def make_forward(cfg: ModelConfig, dtype: str, cache_ops: Any) -> Callable[..., tuple[jax.Array, Any]]:
+    """forward(params, tokens [B,T], positions [B,T], cache, meta, logits_index [B] | None) -> (logits, cache)."""
+    model = LlamaModel(cfg, dtype_of(dtype), cache_ops)
+
+    def forward(params, tokens, positions, cache, meta, logits_index=None):
+        return model.apply({"params": params}, tokens, positions, cache, meta, logits_index)
+
+    return forward

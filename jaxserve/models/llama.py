@@ -1,0 +1,194 @@
+"""The Llama family (Llama 2/3/3.1, Mistral, Qwen2, Qwen3, SmolLM2) in Flax Linen.
+
+Why Linen: the forward pass must be a pure function of (params, tokens, positions, KV cache) that the
+runner jits once per shape bucket; Linen's `apply(params, ...)` is exactly that, and `nn.scan` stacks the
+decoder layers' weights on a leading axis so the layers run as one `lax.scan` (compile time does not grow
+with depth). NNX would need split/merge around every jitted call for the same result.
+
+The KV cache is carried through the scan and updated in place; how it is written and attended over is
+delegated to a `KVCacheOps` (contiguous for the reference path, paged for the engine), so the model code
+is the same for both.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Protocol
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxserve.config import ModelConfig
+
+
+class KVCacheOps(Protocol):
+    """Writes a layer's new K/V into the cache and attends over it. Implementations are static (hashable)
+    objects; the cache arrays and metadata are traced pytrees passed alongside."""
+
+    def update_and_attend(
+        self, q: jax.Array, k: jax.Array, v: jax.Array, cache: Any, layer: jax.Array, meta: Any
+    ) -> tuple[jax.Array, Any]:
+        """q: [B, T, H, D], k/v: [B, T, KV, D] -> (out [B, T, H, D], updated cache)."""
+        ...
+
+
+def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
+    """Inverse frequencies, with Llama-3 / linear scaling applied as in transformers' rope init."""
+    dim = cfg.head_dim
+    inv = 1.0 / (cfg.rope_theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim))
+    rs = cfg.rope_scaling
+    if rs is None:
+        return inv.astype(np.float32)
+    if rs.rope_type == "linear":
+        return (inv / rs.factor).astype(np.float32)
+    # llama3: keep high frequencies, divide low ones by `factor`, interpolate in between.
+    low_wavelen = rs.original_max_position_embeddings / rs.low_freq_factor
+    high_wavelen = rs.original_max_position_embeddings / rs.high_freq_factor
+    wavelen = 2 * math.pi / inv
+    scaled = np.where(wavelen > low_wavelen, inv / rs.factor, inv)
+    smooth = (rs.original_max_position_embeddings / wavelen - rs.low_freq_factor) / (
+        rs.high_freq_factor - rs.low_freq_factor
+    )
+    smoothed = (1 - smooth) * scaled / rs.factor + smooth * scaled
+    is_medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return np.where(is_medium, smoothed, scaled).astype(np.float32)
+
+
+def rope_cos_sin(cfg: ModelConfig, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """positions [B, T] -> cos, sin [B, T, head_dim] (float32, halves duplicated as in HF)."""
+    freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(rope_inv_freq(cfg))
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(emb), jnp.sin(emb)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """x [B, T, N, D]; the rotate-half convention of HF checkpoints (GGUF weights are un-permuted to it)."""
+    half = x.shape[-1] // 2
+    xf = x.astype(jnp.float32)
+    rotated = jnp.concatenate([-xf[..., half:], xf[..., :half]], axis=-1)
+    out = xf * cos[:, :, None, :] + rotated * sin[:, :, None, :]
+    return out.astype(x.dtype)
+
+
+class RMSNorm(nn.Module):
+    eps: float
+    dtype: Any
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), self.dtype)
+        xf = x.astype(jnp.float32)
+        xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        return (xf * scale.astype(jnp.float32)).astype(self.dtype)
+
+
+def _dense(features: int, bias: bool, dtype: Any, name: str) -> nn.Dense:
+    return nn.Dense(
+        features,
+        use_bias=bias,
+        dtype=dtype,
+        param_dtype=dtype,
+        kernel_init=nn.initializers.normal(0.02),
+        precision=jax.lax.Precision.HIGHEST,
+        name=name,
+    )
+
+
+class Attention(nn.Module):
+    cfg: ModelConfig
+    dtype: Any
+    cache_ops: Any
+
+    @nn.compact
+    def __call__(self, x, cos, sin, cache, layer, meta):
+        cfg = self.cfg
+        b, t, _ = x.shape
+        q = _dense(cfg.num_heads * cfg.head_dim, cfg.attention_bias, self.dtype, "q_proj")(x)
+        k = _dense(cfg.num_kv_heads * cfg.head_dim, cfg.attention_bias, self.dtype, "k_proj")(x)
+        v = _dense(cfg.num_kv_heads * cfg.head_dim, cfg.attention_bias, self.dtype, "v_proj")(x)
+        q = q.reshape(b, t, cfg.num_heads, cfg.head_dim)
+        k = k.reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
+        v = v.reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
+        if cfg.qk_norm:
+            q = RMSNorm(cfg.rms_norm_eps, self.dtype, name="q_norm")(q)
+            k = RMSNorm(cfg.rms_norm_eps, self.dtype, name="k_norm")(k)
+        q = apply_rope(q, cos, sin)
+        k = apply_rope(k, cos, sin)
+        out, cache = self.cache_ops.update_and_attend(q, k, v, cache, layer, meta)
+        out = out.reshape(b, t, cfg.num_heads * cfg.head_dim).astype(self.dtype)
+        return _dense(cfg.hidden_size, False, self.dtype, "o_proj")(out), cache
+
+
+class MLP(nn.Module):
+    cfg: ModelConfig
+    dtype: Any
+
+    @nn.compact
+    def __call__(self, x):
+        gate = _dense(self.cfg.intermediate_size, False, self.dtype, "gate_proj")(x)
+        up = _dense(self.cfg.intermediate_size, False, self.dtype, "up_proj")(x)
+        return _dense(self.cfg.hidden_size, False, self.dtype, "down_proj")(nn.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    """One layer, written as a scan body: carry = (hidden, cache, layer index)."""
+
+    cfg: ModelConfig
+    dtype: Any
+    cache_ops: Any
+
+    @nn.compact
+    def __call__(self, carry, cos, sin, meta):
+        x, cache, layer = carry
+        h = RMSNorm(self.cfg.rms_norm_eps, self.dtype, name="input_layernorm")(x)
+        attn_out, cache = Attention(self.cfg, self.dtype, self.cache_ops, name="self_attn")(
+            h, cos, sin, cache, layer, meta
+        )
+        x = x + attn_out
+        h = RMSNorm(self.cfg.rms_norm_eps, self.dtype, name="post_attention_layernorm")(x)
+        x = x + MLP(self.cfg, self.dtype, name="mlp")(h)
+        return (x, cache, layer + 1), None
+
+
+class LlamaModel(nn.Module):
+    cfg: ModelConfig
+    dtype: Any
+    cache_ops: Any
+
+    @nn.compact
+    def __call__(self, tokens, positions, cache, meta, logits_index=None):
+        """tokens, positions: [B, T] int32. logits_index: [B] int32 picks one position per row for the
+        logits (what serving needs); None returns logits for every position (tests, echo).
+        Returns (logits float32 [B, V] or [B, T, V], updated cache)."""
+        cfg = self.cfg
+        embed = nn.Embed(
+            cfg.vocab_size,
+            cfg.hidden_size,
+            dtype=self.dtype,
+            param_dtype=self.dtype,
+            embedding_init=nn.initializers.normal(0.02),
+            name="embed_tokens",
+        )
+        x = embed(tokens)
+        cos, sin = rope_cos_sin(cfg, positions)
+        layers = nn.scan(
+            DecoderLayer,
+            variable_axes={"params": 0},
+            split_rngs={"params": True},
+            in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
+            length=cfg.num_layers,
+        )(cfg, self.dtype, self.cache_ops, name="layers")
+        (x, cache, _), _ = layers((x, cache, jnp.int32(0)), cos, sin, meta)
+        if logits_index is not None:
+            x = jnp.take_along_axis(x, logits_index[:, None, None].astype(jnp.int32), axis=1)[:, 0]
+        x = RMSNorm(cfg.rms_norm_eps, self.dtype, name="norm")(x)
+        if cfg.tie_word_embeddings:
+            logits = jnp.dot(x, embed.embedding.T, precision=jax.lax.Precision.HIGHEST)
+        else:
+            logits = _dense(cfg.vocab_size, False, self.dtype, "lm_head")(x)
+        return logits.astype(jnp.float32), cache
+
+
+def dtype_of(name: str) -> Any:
+    return {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}[name]
