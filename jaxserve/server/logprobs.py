@@ -1,0 +1,77 @@
+"""Engine `TokenLogprob`s -> OpenAI's logprobs objects (chat: `content` list; completions: parallel lists)."""
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from jaxserve.engine.engine import TokenLogprob
+
+# JSON has no -inf; OpenAI-compatible servers report an impossible token with this floor instead.
+LOGPROB_FLOOR = -9999.0
+
+
+class _Decoder(Protocol):
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str: ...
+
+
+def _finite(logprob: float) -> float:
+    return logprob if math.isfinite(logprob) else LOGPROB_FLOOR
+
+
+class TokenTexts:
+    """Token id -> its text (special tokens included), cached per response."""
+
+    def __init__(self, tokenizer: _Decoder) -> None:
+        self._tokenizer = tokenizer
+        self._cache: dict[int, str] = {}
+
+    def __call__(self, token_id: int) -> str:
+        text = self._cache.get(token_id)
+        if text is None:
+            text = self._tokenizer.decode([token_id], skip_special_tokens=False)
+            self._cache[token_id] = text
+        return text
+
+
+def chat_logprobs(entries: list["TokenLogprob"], texts: TokenTexts) -> list[dict[str, Any]]:
+    out = []
+    for entry in entries:
+        token = texts(entry.token_id)
+        out.append(
+            {
+                "token": token,
+                "logprob": _finite(entry.logprob),
+                "bytes": list(token.encode("utf-8")),
+                "top_logprobs": [
+                    {"token": texts(tid), "logprob": _finite(lp), "bytes": list(texts(tid).encode("utf-8"))}
+                    for tid, lp in entry.top
+                ],
+            }
+        )
+    return out
+
+
+def completion_logprobs(entries: list["TokenLogprob"], texts: TokenTexts, text_offset: int) -> dict[str, Any]:
+    """One fragment of the completions format; `text_offset` is where the first token starts in the text."""
+    tokens, token_logprobs, tops, offsets = [], [], [], []
+    offset = text_offset
+    for entry in entries:
+        token = texts(entry.token_id)
+        tokens.append(token)
+        token_logprobs.append(_finite(entry.logprob))
+        top: dict[str, float] = {}
+        for tid, lp in entry.top:
+            top.setdefault(texts(tid), _finite(lp))
+        tops.append(top)
+        offsets.append(offset)
+        offset += len(token)
+    return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": tops, "text_offset": offsets}
+
+
+def merge_completion_logprobs(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    merged: dict[str, list] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    for part in parts:
+        for key in merged:
+            merged[key].extend(part[key])
+    return merged

@@ -1,0 +1,230 @@
+"""POST /v1/completions: one or more raw prompts (text or token ids) -> engine -> response or SSE stream."""
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, AsyncIterator
+
+from fastapi.responses import JSONResponse, Response
+from starlette.requests import Request
+
+from jaxserve.server.errors import APIError, bad_request
+from jaxserve.server.generation import Generation, start_generation, until_disconnect
+from jaxserve.server.logprobs import TokenTexts, completion_logprobs, merge_completion_logprobs
+from jaxserve.server.protocol import CompletionRequest, new_id, now
+from jaxserve.server.request_params import (
+    check_context,
+    check_prompt_chars,
+    completion_sampling_params,
+    parse_body,
+)
+from jaxserve.server.state import ServerState
+from jaxserve.server.streaming import SSE_DONE, sse_event, sse_response
+
+if TYPE_CHECKING:
+    from jaxserve.engine.engine import AsyncEngine, RequestOutput
+
+logger = logging.getLogger(__name__)
+
+# One HTTP request may batch several prompts; beyond this, clients should send separate requests.
+MAX_PROMPTS_PER_REQUEST = 64
+
+
+def _prompt_list(prompt: str | list[str] | list[int] | list[list[int]]) -> list[str | list[int]]:
+    if isinstance(prompt, str):
+        return [prompt]
+    if not prompt:
+        raise bad_request("prompt must not be empty", param="prompt")
+    if isinstance(prompt[0], int):
+        return [prompt]  # type: ignore[list-item]
+    return list(prompt)  # type: ignore[arg-type]
+
+
+@dataclass
+class _Choice:
+    text: list[str] = field(default_factory=list)
+    logprob_parts: list[dict[str, Any]] = field(default_factory=list)
+    text_len: int = 0
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+
+
+async def _merge(gens: list[Generation]) -> AsyncIterator[tuple[int, "RequestOutput"]]:
+    """Interleave several generations' outputs as they arrive: (prompt index, output)."""
+    pending: dict[asyncio.Future, int] = {asyncio.ensure_future(g.__anext__()): i for i, g in enumerate(gens)}
+    try:
+        while pending:
+            done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            for fut in done:
+                i = pending.pop(fut)
+                try:
+                    out = fut.result()
+                except StopAsyncIteration:
+                    continue
+                pending[asyncio.ensure_future(gens[i].__anext__())] = i
+                yield i, out
+    finally:
+        for fut in pending:
+            fut.cancel()
+
+
+class CompletionService:
+    def __init__(self, state: ServerState) -> None:
+        self.state = state
+
+    async def handle(self, raw: bytes, http_request: Request) -> Response:
+        req = parse_body(CompletionRequest, raw)
+        engine = self.state.require_engine()
+        model = self.state.resolve_model(req.model)
+        params = completion_sampling_params(req, engine.tokenizer.vocab_size)
+        prompts = _prompt_list(req.prompt)
+        if len(prompts) > MAX_PROMPTS_PER_REQUEST:
+            raise bad_request(f"at most {MAX_PROMPTS_PER_REQUEST} prompts per request", param="prompt")
+        tokenized = [await self._tokenize(engine, p) for p in prompts]
+        for ids in tokenized:
+            check_context(len(ids), params.max_tokens, engine.max_model_len)
+        request_id = new_id("cmpl")
+        gens: list[Generation] = []
+        try:
+            for k, ids in enumerate(tokenized):
+                self.state.admit()
+                gens.append(await start_generation(engine, self.state.metrics, ids, params, f"{request_id}-{k}"))
+        except BaseException:
+            for g in gens:
+                await g.close()
+            raise
+        echoes = [self._echo_text(engine, p) if req.echo else "" for p in prompts]
+        texts = TokenTexts(engine.tokenizer)
+        if req.stream:
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            return sse_response(self._stream(gens, req, request_id, model, texts, echoes, include_usage))
+        body = await until_disconnect(http_request, self._complete(gens, req, request_id, model, texts, echoes))
+        return JSONResponse(body)
+
+    async def _tokenize(self, engine: "AsyncEngine", prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            check_prompt_chars(len(prompt), engine.max_model_len, "prompt")
+            return await asyncio.to_thread(engine.tokenizer.encode, prompt, add_special_tokens=True)
+        vocab = engine.tokenizer.vocab_size
+        for t in prompt:
+            if not 0 <= t < vocab:
+                raise bad_request(f"prompt token id {t} is outside the vocabulary [0, {vocab})", param="prompt")
+        return list(prompt)
+
+    @staticmethod
+    def _echo_text(engine: "AsyncEngine", prompt: str | list[int]) -> str:
+        return prompt if isinstance(prompt, str) else engine.tokenizer.decode(prompt, skip_special_tokens=False)
+
+    async def _complete(
+        self,
+        gens: list[Generation],
+        req: CompletionRequest,
+        request_id: str,
+        model: str,
+        texts: TokenTexts,
+        echoes: list[str],
+    ) -> dict[str, Any]:
+        n = req.n
+        choices = [_Choice() for _ in range(n * len(gens))]
+        for k, echo in enumerate(echoes):
+            for i in range(n):
+                choices[k * n + i].text.append(echo)
+                choices[k * n + i].text_len = len(echo)
+        usage = [(0, 0)] * len(gens)
+        try:
+            async for k, out in _merge(gens):
+                usage[k] = (out.num_prompt_tokens, out.num_output_tokens)
+                for c in out.outputs:
+                    st = choices[k * n + c.index]
+                    if c.logprobs:
+                        st.logprob_parts.append(completion_logprobs(c.logprobs, texts, st.text_len))
+                    st.text.append(c.text)
+                    st.text_len += len(c.text)
+                    if c.finish_reason is not None:
+                        st.finish_reason, st.stop_reason = c.finish_reason, c.stop_reason
+        finally:
+            for g in gens:
+                await g.close()
+        prompt_tokens = sum(p for p, _ in usage)
+        output_tokens = sum(o for _, o in usage)
+        return {
+            "id": request_id,
+            "object": "text_completion",
+            "created": now(),
+            "model": model,
+            "system_fingerprint": None,
+            "choices": [
+                {
+                    "index": j,
+                    "text": "".join(st.text),
+                    "logprobs": merge_completion_logprobs(st.logprob_parts) if req.logprobs is not None else None,
+                    "finish_reason": st.finish_reason,
+                    "matched_stop": st.stop_reason,
+                }
+                for j, st in enumerate(choices)
+            ],
+            "usage": {
+                "prompt_tokens": prompt_tokens,
+                "completion_tokens": output_tokens,
+                "total_tokens": prompt_tokens + output_tokens,
+            },
+        }
+
+    async def _stream(
+        self,
+        gens: list[Generation],
+        req: CompletionRequest,
+        request_id: str,
+        model: str,
+        texts: TokenTexts,
+        echoes: list[str],
+        include_usage: bool,
+    ) -> AsyncIterator[bytes]:
+        created = now()
+        n = req.n
+        offsets = [len(echoes[j // n]) for j in range(n * len(gens))]
+        usage = [(0, 0)] * len(gens)
+
+        def chunk(choices: list[dict[str, Any]], usage_body: dict[str, int] | None = None) -> bytes:
+            payload: dict[str, Any] = {
+                "id": request_id,
+                "object": "text_completion",
+                "created": created,
+                "model": model,
+                "system_fingerprint": None,
+                "choices": choices,
+            }
+            if include_usage:
+                payload["usage"] = usage_body
+            return sse_event(payload)
+
+        try:
+            for j in range(n * len(gens)):
+                if echoes[j // n]:
+                    yield chunk([{"index": j, "text": echoes[j // n], "logprobs": None, "finish_reason": None}])
+            async for k, out in _merge(gens):
+                usage[k] = (out.num_prompt_tokens, out.num_output_tokens)
+                for c in out.outputs:
+                    j = k * n + c.index
+                    lp = completion_logprobs(c.logprobs, texts, offsets[j]) if c.logprobs else None
+                    offsets[j] += len(c.text)
+                    if c.text or lp is not None:
+                        yield chunk([{"index": j, "text": c.text, "logprobs": lp, "finish_reason": None}])
+                    if c.finish_reason is not None:
+                        yield chunk([{"index": j, "text": "", "logprobs": None, "finish_reason": c.finish_reason}])
+            if include_usage:
+                p = sum(x for x, _ in usage)
+                o = sum(y for _, y in usage)
+                yield chunk([], {"prompt_tokens": p, "completion_tokens": o, "total_tokens": p + o})
+            yield SSE_DONE
+        except APIError as exc:
+            yield sse_event(exc.body())
+            yield SSE_DONE
+        except Exception as exc:  # headers are sent: the error can only travel in the stream
+            logger.exception("completion %s failed mid-stream", request_id)
+            yield sse_event(APIError(500, f"generation failed: {type(exc).__name__}", type="server_error").body())
+            yield SSE_DONE
+        finally:
+            for g in gens:
+                await g.close()

@@ -1,0 +1,61 @@
+"""Per-app server state: the engine once it is warm, the served model names, the metrics."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from jaxserve.config import ServerConfig
+from jaxserve.server.errors import model_not_found, server_busy
+from jaxserve.server.metrics import ServerMetrics
+
+if TYPE_CHECKING:
+    from jaxserve.engine.engine import AsyncEngine
+
+
+@dataclass
+class ServerState:
+    """Mutable by design: the engine appears when warm-up ends. One instance per app, never global."""
+
+    config: ServerConfig
+    engine: "AsyncEngine | None" = None
+    startup_error: str | None = None
+    created: int = 0
+    metrics: ServerMetrics = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.metrics = ServerMetrics(lambda: self.engine.stats() if self.engine is not None else None)
+
+    @property
+    def ready(self) -> bool:
+        return self.engine is not None
+
+    def require_engine(self) -> "AsyncEngine":
+        if self.engine is None:
+            if self.startup_error:
+                raise server_busy(f"the engine failed to start: {self.startup_error}")
+            raise server_busy("the server is starting: the engine is loading the model and compiling; retry shortly")
+        return self.engine
+
+    @property
+    def served_model_name(self) -> str:
+        if self.config.served_model_name:
+            return self.config.served_model_name
+        if self.engine is not None:
+            return self.engine.model_name
+        return self.config.engine.model or "default"
+
+    def resolve_model(self, requested: str | None) -> str:
+        """The name to report back; a model this server does not serve is a 404."""
+        name = self.served_model_name
+        if requested is None or requested == "":
+            return name
+        if requested != name:
+            raise model_not_found(requested)
+        return name
+
+    def admit(self) -> None:
+        """503 when the waiting queue is already full: shed load instead of queueing without bound."""
+        engine = self.require_engine()
+        limit = self.config.engine.max_queued_requests
+        if engine.stats().num_waiting >= limit:
+            raise server_busy(f"the server is overloaded: {limit} requests are already waiting; retry later")
