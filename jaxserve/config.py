@@ -167,3 +167,5 @@ class ServerConfig:
     api_key: str | None = None
     log_level: str = "info"
     max_request_body_bytes: int = 16 * 1024 * 1024
+    # On SIGINT/SIGTERM: stop accepting, let in-flight requests finish this long, then abort the rest.
+    graceful_shutdown_timeout_s: float = 30.0
