@@ -1,0 +1,184 @@
+"""`python -m jaxserve.launch`: flags and/or a YAML preset -> ServerConfig -> warm engine + uvicorn.
+
+The socket is bound first and answers 503 while the engine loads and compiles; the "serving at" line is
+printed only once requests can be served. SIGINT/SIGTERM stop accepting, give in-flight requests
+`graceful_shutdown_timeout_s` to finish, abort the rest, and exit 0.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+from jaxserve.config import EngineConfig, ServerConfig
+
+logger = logging.getLogger("jaxserve.launch")
+
+# flag dest -> (which config, field name); YAML keys are the same names (dashes or underscores).
+_ENGINE_FIELDS = {f.name for f in dataclasses.fields(EngineConfig)}
+_SERVER_FIELDS = {f.name for f in dataclasses.fields(ServerConfig)} - {"engine"}
+_ALIASES = {  # SGLang / vLLM spellings users already know
+    "mem_fraction_static": "kv_memory_fraction",
+    "chunked_prefill_size": "max_num_batched_tokens",
+    "tp": "tp_size",
+    "context_length": "max_model_len",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m jaxserve.launch",
+        description="OpenAI-compatible LLM server in JAX. Flags override values from --config.",
+    )
+    S = argparse.SUPPRESS  # unset flags stay absent, so the YAML file and the dataclass defaults apply
+    p.add_argument("--config", default=None, help="YAML preset, e.g. configs/cpu.yaml")
+    p.add_argument("--model", default=S, help="HF model directory or .gguf file (default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--host", default=S, help="bind address (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=S, help="port (default 30000; 0 picks a free one)")
+    p.add_argument("--served-model-name", default=S, help="model name clients send (default: from the model path)")
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default=S)
+    p.add_argument("--max-model-len", "--context-length", dest="max_model_len", type=int, default=S)
+    p.add_argument("--page-size", type=int, default=S, help="KV cache tokens per page")
+    p.add_argument("--num-pages", type=int, default=S, help="KV cache pages (default: from the memory fraction)")
+    p.add_argument("--kv-memory-fraction", "--mem-fraction-static", dest="kv_memory_fraction", type=float, default=S,
+                   help="fraction of accelerator memory for the KV cache")
+    p.add_argument("--max-running-requests", type=int, default=S)
+    p.add_argument("--max-num-batched-tokens", "--chunked-prefill-size", dest="max_num_batched_tokens", type=int,
+                   default=S, help="token budget per engine step (chunked prefill)")
+    p.add_argument("--max-queued-requests", type=int, default=S, help="waiting requests before answering 503")
+    p.add_argument("--attention-backend", choices=["auto", "reference", "pallas"], default=S)
+    p.add_argument("--tp-size", "--tp", dest="tp_size", type=int, default=S, help="tensor-parallel devices")
+    p.add_argument("--seed", type=int, default=S)
+    p.add_argument("--api-key", default=S, help="require `Authorization: Bearer KEY` (default: $JAXSERVE_API_KEY)")
+    p.add_argument("--log-level", choices=["critical", "error", "warning", "info", "debug"], default=S)
+    p.add_argument("--max-request-body-bytes", type=int, default=S)
+    p.add_argument("--graceful-shutdown-timeout-s", type=float, default=S)
+    return p
+
+
+def _load_yaml(path: str) -> dict[str, Any]:
+    import yaml
+
+    file = Path(path)
+    if not file.is_file():
+        raise ValueError(f"config file {path} does not exist")
+    data = yaml.safe_load(file.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"config file {path} must hold a mapping of option: value")
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        name = str(key).replace("-", "_")
+        name = _ALIASES.get(name, name)
+        if name not in _ENGINE_FIELDS and name not in _SERVER_FIELDS:
+            known = sorted(_ENGINE_FIELDS | _SERVER_FIELDS)
+            raise ValueError(f"config file {path}: unknown option {key!r}; known options: {', '.join(known)}")
+        out[name] = value
+    return out
+
+
+def parse_config(argv: Sequence[str] | None = None, environ: dict[str, str] | None = None) -> ServerConfig:
+    """Defaults < YAML file < $JAXSERVE_API_KEY < flags. Raises ValueError for bad values."""
+    args = vars(build_parser().parse_args(argv))
+    config_path = args.pop("config")
+    values: dict[str, Any] = _load_yaml(config_path) if config_path else {}
+    env = os.environ if environ is None else environ
+    if env.get("JAXSERVE_API_KEY"):
+        values["api_key"] = env["JAXSERVE_API_KEY"]
+    values.update(args)
+    engine = EngineConfig(**{k: v for k, v in values.items() if k in _ENGINE_FIELDS})
+    server = ServerConfig(engine=engine, **{k: v for k, v in values.items() if k in _SERVER_FIELDS})
+    if not 0 <= server.port <= 65535:
+        raise ValueError(f"port must be in [0, 65535], got {server.port}")
+    if server.max_request_body_bytes < 1024:
+        raise ValueError("max_request_body_bytes must be at least 1024")
+    return server
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise ValueError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    sock.set_inheritable(True)
+    return sock
+
+
+async def serve(config: ServerConfig) -> int:
+    import uvicorn
+
+    from jaxserve.server.app import build_app
+
+    sock = bind_socket(config.host, config.port)
+    host, port = sock.getsockname()[:2]
+    failures: list[BaseException] = []
+    server: uvicorn.Server | None = None
+
+    async def load_engine():
+        from jaxserve.engine.engine import AsyncEngine
+
+        t0 = time.perf_counter()
+        engine = await asyncio.to_thread(AsyncEngine.from_config, config.engine)
+        t1 = time.perf_counter()
+        await engine.start()
+        logger.info("model loaded in %.1f s, precompiled in %.1f s", t1 - t0, time.perf_counter() - t1)
+        return engine
+
+    async def on_ready() -> None:
+        while server is not None and not server.started and not server.should_exit:
+            await asyncio.sleep(0.02)
+        shown = f"[{host}]" if ":" in host else host
+        name = config.served_model_name or app.state.jaxserve.served_model_name
+        print(f"jaxserve: serving {name!r} at http://{shown}:{port}/v1 (Ctrl-C to stop)", flush=True)
+
+    def on_failure(exc: BaseException) -> None:
+        failures.append(exc)
+        print(f"jaxserve: the engine failed to start: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+        if server is not None:
+            server.should_exit = True
+
+    app = build_app(config, load_engine, on_ready=on_ready, on_startup_failure=on_failure)
+    uv_config = uvicorn.Config(
+        app,
+        log_level=config.log_level,
+        timeout_graceful_shutdown=config.graceful_shutdown_timeout_s,
+        access_log=config.log_level == "debug",
+        lifespan="on",
+    )
+    server = uvicorn.Server(uv_config)
+    # uvicorn re-raises the signal it caught once it has shut down; a no-op handler turns that into exit 0.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: None)
+    await server.serve(sockets=[sock])
+    return 1 if failures else 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        config = parse_config(argv)
+    except ValueError as exc:
+        print(f"jaxserve: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
+    try:
+        return asyncio.run(serve(config))
+    except ValueError as exc:
+        print(f"jaxserve: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
