@@ -86,8 +86,7 @@ def _attention_kernel(
     q_ref,  # [rows, D]
     k_ref,  # [L, KV, P, S, D]: the whole stacked cache, gathered through the page table
     v_ref,
-    o_ref,  # [rows, D]
-    *split_refs,  # m, l: [rows] float32, only when the KV axis is split
+    *out_refs,  # [poison buffer (aliased to o),] o [rows, D][, m, l: [rows] float32 when split]
     blocking: QueryBlocking,
     pages_per_block: int,
     num_kv_splits: int,
@@ -95,7 +94,11 @@ def _attention_kernel(
     soft_cap: float | None,
     sliding_window: int | None,
     precision: jax.lax.Precision,
+    poison_output: bool,
 ):
+    if poison_output:
+        out_refs = out_refs[1:]  # the aliased input is the same buffer as o_ref
+    o_ref, *split_refs = out_refs
     b, kv_head, q_block, split = (pl.program_id(i) for i in range(4))
     page_size, head_dim = k_ref.shape[-2], k_ref.shape[-1]
     keys_per_block = pages_per_block * page_size
@@ -170,7 +173,7 @@ def _merge_splits(out: jax.Array, row_max: jax.Array, row_sum: jax.Array) -> jax
 
 @functools.partial(
     jax.jit,
-    static_argnames=("scale", "soft_cap", "sliding_window", "config", "interpret"),
+    static_argnames=("scale", "soft_cap", "sliding_window", "config", "interpret", "poison_output"),
 )
 def paged_attention_gpu(
     q: jax.Array,
@@ -186,8 +189,13 @@ def paged_attention_gpu(
     sliding_window: int | None = None,
     config: GpuKernelConfig = GpuKernelConfig(),
     interpret: bool = False,
+    poison_output: bool = False,
 ) -> jax.Array:
-    """Paged attention (contract of docs/architecture.md) with the Triton-lowered Pallas kernel."""
+    """Paged attention (contract of docs/architecture.md) with the Triton-lowered Pallas kernel.
+
+    `poison_output=True` (tests) hands the kernel a NaN-filled output buffer, so an element the
+    kernel forgets to write shows up as NaN on a real GPU too (the interpreter poisons by itself).
+    """
     validate_paged_attention_args(
         q, k_cache, v_cache, page_table, seq_lens, q_start, soft_cap=soft_cap, sliding_window=sliding_window
     )
@@ -229,6 +237,8 @@ def paged_attention_gpu(
         stat_spec = pl.BlockSpec((None, None, None, rows), lambda b, h, i, s: (s, b, h, i))
         out_shape += [stat_shape, stat_shape]
         out_specs += [stat_spec, stat_spec]
+    if poison_output:
+        in_specs.append(out_specs[0])
 
     kernel = functools.partial(
         _attention_kernel,
@@ -239,6 +249,7 @@ def paged_attention_gpu(
         soft_cap=None if soft_cap is None else float(soft_cap),
         sliding_window=None if sliding_window is None else int(sliding_window),
         precision=jax.lax.Precision.HIGHEST if k_cache.dtype == jnp.float32 else jax.lax.Precision.DEFAULT,
+        poison_output=poison_output,
     )
     from jax.experimental.pallas import triton as plgpu  # deferred: only the GPU path needs it
 
@@ -251,6 +262,7 @@ def paged_attention_gpu(
         compiler_params=plgpu.CompilerParams(num_warps=config.num_warps, num_stages=config.num_stages),
         interpret=interpret,
         name=f"jaxserve_paged_attention_rows{rows}_pages{pages_per_block}_splits{splits}",
+        input_output_aliases={7: 0} if poison_output else {},
     )(
         jnp.reshape(jnp.asarray(layer, jnp.int32), (1,)),
         seq_lens.astype(jnp.int32),
@@ -259,6 +271,7 @@ def paged_attention_gpu(
         packed_q,
         k_cache,
         v_cache,
+        *([jnp.full(out_shape[0].shape, jnp.nan, out_dtype)] if poison_output else []),
     )
     if splits > 1:
         out = _merge_splits(*results)
