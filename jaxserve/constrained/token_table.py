@@ -18,8 +18,9 @@ class TokenTable:
       - `mask[s]`: bit-packed allowed tokens, uint32 [num_states, ceil(vocab_width / 32)], bit t % 32 of word
         t // 32 (little-endian bit order). EOS ids are allowed exactly in accepting states; ids at or beyond
         the tokenizer size (logit padding) and special tokens are never allowed.
-      - next state of an allowed non-EOS token t: `next_tokens[indptr[s]:indptr[s+1]]` (sorted) holds t and
-        `next_states` at the same index holds the target (CSR).
+      - next state of every allowed non-EOS token: `next_tokens[indptr[s]:indptr[s+1]]` are the tokens
+        (grouped by state, in no particular order inside a state) and `next_states` the targets (CSR).
+        `next_state(s, t)` answers one lookup by stepping the token's bytes through `transitions`.
       - `forced_token[s]`: the only allowed token id, or -1 when zero or several tokens are allowed.
       - `accepting[s]`: the text so far matches; `finished[s]`: accepting and nothing but EOS can follow.
     `key` identifies the table (kind, spec, vocabulary fingerprint) for caches and the device pool.
@@ -32,6 +33,8 @@ class TokenTable:
     indptr: np.ndarray  # int64 [S + 1]
     next_tokens: np.ndarray  # int32 [nnz]
     next_states: np.ndarray  # int32 [nnz]
+    transitions: np.ndarray  # int32 [S, 256] byte-level DFA, -1 = dead
+    token_bytes: tuple  # the vocabulary's bytes per token id (shared, not copied)
     accepting: np.ndarray  # bool [S]
     finished: np.ndarray  # bool [S]
     forced_token: np.ndarray  # int32 [S]
@@ -61,8 +64,49 @@ class TokenTable:
         Raises ValueError when the token is not allowed (the sampler's mask should make that impossible)."""
         if token_id in self.eos_token_ids and self.accepting[state]:
             return state
-        lo, hi = int(self.indptr[state]), int(self.indptr[state + 1])
-        i = lo + int(np.searchsorted(self.next_tokens[lo:hi], token_id))
-        if i < hi and int(self.next_tokens[i]) == token_id:
-            return int(self.next_states[i])
+        data = self.token_bytes[token_id] if 0 <= token_id < len(self.token_bytes) else None
+        if data and self.is_allowed(state, token_id):
+            s = state
+            for b in data:
+                s = int(self.transitions[s, b])
+            return s
         raise ValueError(f"token {token_id} is not allowed in state {state} of this constraint")
+
+
+def distance_to_accept(table: TokenTable) -> np.ndarray:
+    """int64 [S]: fewest tokens from each state to an accepting state (large where unreachable)."""
+    src = np.repeat(np.arange(table.num_states), np.diff(table.indptr))
+    edges = np.unique(np.stack([src, table.next_states.astype(np.int64)], axis=1), axis=0)
+    big = np.iinfo(np.int64).max // 4
+    dist = np.where(table.accepting, 0, big).astype(np.int64)
+    while True:
+        new = dist.copy()
+        np.minimum.at(new, edges[:, 0], dist[edges[:, 1]] + 1)
+        if (new == dist).all():
+            return dist
+        dist = new
+
+
+def sample_walk(table: TokenTable, rng: np.random.Generator, *, max_tokens: int = 400,
+                finish_after: int = 100, distances: np.ndarray | None = None) -> tuple[list[int], bool]:
+    """A stand-in for a random model: uniform over the allowed tokens for `finish_after` tokens, then only
+    tokens that get closer to acceptance. Returns (token ids without the EOS, ended with EOS)."""
+    dist = distance_to_accept(table) if distances is None else distances
+    eos = set(table.eos_token_ids)
+    state, out = table.start_state, []
+    for step in range(max_tokens):
+        allowed = table.allowed_tokens(state)
+        if step >= finish_after:
+            if table.accepting[state]:
+                return out, True
+            lo, hi = int(table.indptr[state]), int(table.indptr[state + 1])
+            closer = table.next_tokens[lo:hi][dist[table.next_states[lo:hi]] < dist[state]]
+            allowed = closer if closer.size else allowed
+        if allowed.size == 0:
+            raise ValueError(f"state {state} allows no token")
+        token = int(rng.choice(allowed))
+        if token in eos:
+            return out, True
+        out.append(token)
+        state = table.next_state(state, token)
+    return out, False

@@ -1,0 +1,340 @@
+"""Regex IR -> minimal byte-level DFA.
+
+Code point sets become UTF-8 byte-range sequences, the IR becomes a Thompson NFA over byte classes (bytes
+that no transition tells apart share a class), subset construction builds the DFA, states that cannot
+reach acceptance are dropped, and Moore refinement (vectorized with NumPy) minimizes it. Limits on states
+and on wall time turn hostile patterns into `ValueError("regex too complex ...")`.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from jaxserve.constrained.regex_parser import Alt, Chars, Node, Repeat, Seq
+
+DEAD = -1
+
+
+@dataclass(frozen=True)
+class DfaLimits:
+    max_nfa_states: int = 400_000
+    max_dfa_states: int = 20_000
+    max_seconds: float = 5.0
+
+
+@dataclass(frozen=True, eq=False)
+class ByteDfa:
+    """`transitions[s, b]` is the next state on byte b, or DEAD (-1). Every state can reach acceptance."""
+
+    transitions: np.ndarray  # int32 [S, 256]
+    accepting: np.ndarray  # bool [S]
+    start: int
+
+    @property
+    def num_states(self) -> int:
+        return int(self.transitions.shape[0])
+
+    def matches(self, data: bytes) -> bool:
+        s = self.start
+        for b in data:
+            s = int(self.transitions[s, b])
+            if s == DEAD:
+                return False
+        return bool(self.accepting[s])
+
+
+# ---------------------------------------------------------------- UTF-8 ranges
+
+_UTF8_BOUNDS = (0x7F, 0x7FF, 0xFFFF, 0x10FFFF)
+
+
+def utf8_sequences(lo: int, hi: int) -> list[tuple[tuple[int, int], ...]]:
+    """Code point range -> byte-range sequences matching exactly its UTF-8 encodings."""
+    out: list[tuple[tuple[int, int], ...]] = []
+    stack = [(lo, hi)]
+    while stack:
+        lo, hi = stack.pop()
+        split = False
+        for bound in _UTF8_BOUNDS[:-1]:  # different encoded lengths
+            if lo <= bound < hi:
+                stack += [(bound + 1, hi), (lo, bound)]
+                split = True
+                break
+        if split:
+            continue
+        if hi <= 0x7F:
+            out.append(((lo, hi),))
+            continue
+        n = len(chr(lo).encode("utf-8"))
+        for i in range(1, n):
+            m = (1 << (6 * i)) - 1
+            if lo & ~m != hi & ~m:
+                if lo & m != 0:
+                    stack += [((lo | m) + 1, hi), (lo, lo | m)]
+                    split = True
+                    break
+                if hi & m != m:
+                    stack += [(hi & ~m, hi), (lo, (hi & ~m) - 1)]
+                    split = True
+                    break
+        if split:
+            continue
+        a, b = chr(lo).encode("utf-8"), chr(hi).encode("utf-8")
+        out.append(tuple(zip(a, b)))
+    return out
+
+
+# ---------------------------------------------------------------- NFA
+
+class _Nfa:
+    """Thompson NFA over byte ranges: eps[s] epsilon targets, edges[s] (lo, hi, target) byte transitions."""
+
+    def __init__(self, limits: DfaLimits, deadline: float):
+        self.eps: list[list[int]] = []
+        self.edges: list[list[tuple[int, int, int]]] = []
+        self.limits = limits
+        self.deadline = deadline
+        self._seq_cache: dict[tuple, list] = {}
+
+    def new(self) -> int:
+        if len(self.eps) >= self.limits.max_nfa_states:
+            raise ValueError("regex too complex: automaton exceeds the state limit")
+        self.eps.append([])
+        self.edges.append([])
+        return len(self.eps) - 1
+
+    def build(self, node: Node, start: int) -> int:
+        """Add `node` from `start`; returns its end state."""
+        if isinstance(node, Chars):
+            return self._chars(node, start)
+        if isinstance(node, Seq):
+            cur = start
+            for item in node.items:
+                cur = self.build(item, cur)
+            return cur
+        if isinstance(node, Alt):
+            end = self.new()
+            for item in node.items:
+                s = self.new()
+                self.eps[start].append(s)
+                self.eps[self.build(item, s)].append(end)
+            return end
+        return self._repeat(node, start)
+
+    def _repeat(self, node: Repeat, start: int) -> int:
+        if time.monotonic() > self.deadline:
+            raise ValueError("regex too complex: compile time limit exceeded")
+        cur = start
+        for _ in range(node.min):
+            cur = self.build(node.item, cur)
+        if node.max is None:
+            loop = self.new()
+            self.eps[cur].append(loop)
+            self.eps[self.build(node.item, loop)].append(loop)
+            return loop
+        end = self.new()
+        for _ in range(node.max - node.min):
+            self.eps[cur].append(end)
+            cur = self.build(node.item, cur)
+        self.eps[cur].append(end)
+        return end
+
+    def _chars(self, node: Chars, start: int) -> int:
+        end = self.new()
+        seqs = self._seq_cache.get(node.ranges)
+        if seqs is None:
+            seqs = [s for lo, hi in node.ranges for s in utf8_sequences(lo, hi)]
+            self._seq_cache[node.ranges] = seqs
+        # Share prefixes of the byte sequences (a small trie) to keep the NFA small.
+        trie: dict[tuple, int] = {}
+        for seq in seqs:
+            cur = start
+            for i, (lo, hi) in enumerate(seq[:-1]):
+                key = seq[: i + 1]
+                nxt = trie.get(key)
+                if nxt is None:
+                    nxt = self.new()
+                    trie[key] = nxt
+                    self.edges[cur].append((lo, hi, nxt))
+                cur = nxt
+            lo, hi = seq[-1]
+            self.edges[cur].append((lo, hi, end))
+        return end
+
+
+# ---------------------------------------------------------------- DFA
+
+def compile_dfa(node: Node, limits: DfaLimits = DfaLimits()) -> ByteDfa:
+    deadline = time.monotonic() + limits.max_seconds
+    nfa = _Nfa(limits, deadline)
+    start = nfa.new()
+    accept = nfa.build(node, start)
+    trans, accepting, byte_class = _subset_construction(nfa, start, accept, limits, deadline)
+    return _minimize(trans, accepting, byte_class)
+
+
+def _byte_classes(nfa: _Nfa) -> np.ndarray:
+    """uint8/int [256] class id per byte: bytes share a class when no edge separates them."""
+    cuts = np.zeros(257, dtype=bool)
+    cuts[0] = True
+    for edges in nfa.edges:
+        for lo, hi, _ in edges:
+            cuts[lo] = True
+            cuts[hi + 1] = True
+    return np.cumsum(cuts[:256]) - 1
+
+
+def _subset_construction(nfa: _Nfa, start: int, accept: int, limits: DfaLimits, deadline: float):
+    n = len(nfa.eps)
+    byte_class = _byte_classes(nfa)
+    num_classes = int(byte_class[-1]) + 1
+    # Epsilon closures, memoized per NFA state (iterative DFS).
+    closure: list[frozenset[int] | None] = [None] * n
+
+    def close(s: int) -> frozenset[int]:
+        c = closure[s]
+        if c is None:
+            seen = {s}
+            stack = [s]
+            while stack:
+                for t in nfa.eps[stack.pop()]:
+                    if t not in seen:
+                        seen.add(t)
+                        stack.append(t)
+            # Keep only states that matter for the future (byte edges or acceptance): smaller DFA keys.
+            c = frozenset(t for t in seen if nfa.edges[t] or t == accept)
+            closure[s] = c
+        return c
+
+    # Per NFA state: (first class, last class, target) edges.
+    cls_edges = [[(int(byte_class[lo]), int(byte_class[hi]), t) for lo, hi, t in e] for e in nfa.edges]
+    start_set = close(start)
+    index = {start_set: 0}
+    sets = [start_set]
+    rows: list[list[int]] = []
+    i = 0
+    while i < len(sets):
+        if (i & 63) == 0 and time.monotonic() > deadline:
+            raise ValueError("regex too complex: compile time limit exceeded")
+        moves: list[set[int] | None] = [None] * num_classes
+        for s in sets[i]:
+            for clo, chi, t in cls_edges[s]:
+                for c in range(clo, chi + 1):
+                    m = moves[c]
+                    if m is None:
+                        moves[c] = {t}
+                    else:
+                        m.add(t)
+        row = [DEAD] * num_classes
+        cache: dict[frozenset[int], int] = {}
+        for c in range(num_classes):
+            m = moves[c]
+            if not m:
+                continue
+            key = frozenset(m)
+            j = cache.get(key)
+            if j is None:
+                target = frozenset().union(*(close(t) for t in m)) if len(m) > 1 else close(next(iter(m)))
+                j = index.get(target)
+                if j is None:
+                    if len(sets) >= limits.max_dfa_states:
+                        raise ValueError("regex too complex: more than "
+                                         f"{limits.max_dfa_states} automaton states")
+                    j = len(sets)
+                    index[target] = j
+                    sets.append(target)
+                cache[key] = j
+            row[c] = j
+        rows.append(row)
+        i += 1
+    trans_cls = np.asarray(rows, dtype=np.int32).reshape(len(sets), num_classes)
+    accepting = np.fromiter((accept in s for s in sets), dtype=bool, count=len(sets))
+    return trans_cls, accepting, byte_class
+
+
+def _live_states(trans: np.ndarray, accepting: np.ndarray) -> np.ndarray:
+    """bool [S]: states from which an accepting state is reachable (backward search over unique edges)."""
+    src, col = np.nonzero(trans != DEAD)
+    edges = np.unique(np.stack([trans[src, col], src], axis=1), axis=0)  # (dst, src), sorted by dst
+    starts = np.searchsorted(edges[:, 0], np.arange(trans.shape[0] + 1))
+    live = accepting.copy()
+    stack = list(np.flatnonzero(accepting))
+    while stack:
+        d = stack.pop()
+        for s in edges[starts[d] : starts[d + 1], 1]:
+            if not live[s]:
+                live[s] = True
+                stack.append(s)
+    return live
+
+
+_HASH_MULTIPLIERS = np.random.default_rng(0x5EED).integers(1, 2**63, size=4096, dtype=np.uint64) | np.uint64(1)
+
+
+def _refine(t: np.ndarray, acc: np.ndarray) -> np.ndarray:
+    """Moore refinement: block id per state, equal iff the states accept the same language."""
+    n, c = t.shape
+    block = acc.astype(np.int64)
+    count = len(np.unique(block))
+    mult = _HASH_MULTIPLIERS[: c + 1] if c + 1 <= _HASH_MULTIPLIERS.size else None
+    while True:
+        succ = np.where(t == DEAD, -1, block[np.maximum(t, 0)])
+        sig = np.concatenate([block[:, None], succ], axis=1)
+        if mult is not None:
+            # Hash the signature rows (fast); verified exactly below, so a collision cannot merge states.
+            h = (sig.astype(np.uint64) * mult).sum(axis=1)
+            _, new_block = np.unique(h, return_inverse=True)
+        else:
+            _, new_block = np.unique(sig, axis=0, return_inverse=True)
+        new_block = new_block.ravel().astype(np.int64)
+        new_count = int(new_block.max()) + 1
+        block = new_block
+        if new_count == count:
+            break
+        count = new_count
+    reps = np.unique(block, return_index=True)[1]
+    succ = np.where(t == DEAD, -1, block[np.maximum(t, 0)])
+    sig = np.concatenate([block[:, None], succ], axis=1)
+    if not (sig == sig[reps][block]).all():  # hash collision: redo exactly
+        return _refine_exact(t, acc)
+    return block
+
+
+def _refine_exact(t: np.ndarray, acc: np.ndarray) -> np.ndarray:
+    block = acc.astype(np.int64)
+    count = len(np.unique(block))
+    while True:
+        succ = np.where(t == DEAD, -1, block[np.maximum(t, 0)])
+        _, block = np.unique(np.concatenate([block[:, None], succ], axis=1), axis=0, return_inverse=True)
+        block = block.ravel().astype(np.int64)
+        if int(block.max()) + 1 == count:
+            return block
+        count = int(block.max()) + 1
+
+
+def _minimize(trans: np.ndarray, accepting: np.ndarray, byte_class: np.ndarray) -> ByteDfa:
+    n = trans.shape[0]
+    live = _live_states(trans, accepting)
+    if not live[0]:
+        raise ValueError("regex matches no string")
+    keep = np.flatnonzero(live)
+    renum = np.full(n + 1, DEAD, dtype=np.int32)  # index n stands for DEAD
+    renum[keep] = np.arange(keep.size, dtype=np.int32)
+    t = renum[np.where(trans[keep] == DEAD, n, trans[keep])]
+    acc = accepting[keep]
+    block = _refine(t, acc)
+    k = int(block.max()) + 1
+    reps = np.unique(block, return_index=True)[1]  # a representative state per block
+    # New ids: the start state's block becomes 0, the others keep their order.
+    b0 = int(block[0])
+    ids = np.arange(k)
+    new_id = np.where(ids == b0, 0, np.where(ids < b0, ids + 1, ids)).astype(np.int32)
+    rep_t = t[reps]
+    min_t = np.where(rep_t == DEAD, DEAD, new_id[block[np.maximum(rep_t, 0)]]).astype(np.int32)
+    final_t = np.empty_like(min_t)
+    final_acc = np.empty(k, dtype=bool)
+    final_t[new_id] = min_t
+    final_acc[new_id] = acc[reps]
+    return ByteDfa(transitions=np.ascontiguousarray(final_t[:, byte_class]), accepting=final_acc, start=0)
