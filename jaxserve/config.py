@@ -141,7 +141,7 @@ class EngineConfig:
     tp_size: int = 1
     compilation_cache_dir: str | None = "auto"  # "auto" = cache_dir()/xla; None disables
     seed: int = 0
-    grammar_capacity_states: int = 65536  # rows of the device grammar mask pool
+    grammar_capacity_states: int = 16384  # rows of the device grammar mask pool (vocab/8 bytes each)
 
     def __post_init__(self) -> None:
         if self.page_size not in (8, 16, 32, 64, 128):

@@ -1,0 +1,65 @@
+"""Paged attention inside the model: write the new K/V into their pages, then attend over the pages.
+
+`PagedCacheOps` is the `KVCacheOps` the engine hands to the model. The attention itself is a backend
+function with the contract of docs/architecture.md: the pure-JAX reference (CPU default) or a Pallas
+kernel (GPU/TPU), chosen once at start-up.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+from jaxserve.engine.kv_cache import PagedKVCache
+
+log = logging.getLogger(__name__)
+
+
+@jax.tree_util.register_dataclass
+@dataclass(frozen=True)
+class PagedMeta:
+    page_table: jax.Array  # [B, pages_per_row] int32
+    seq_lens: jax.Array  # [B] int32, valid KV positions after this step
+    q_start: jax.Array  # [B] int32, position of the row's first new token
+    slot_page: jax.Array  # [B, T] int32, physical page each new token is written to (0 = null page)
+    slot_offset: jax.Array  # [B, T] int32, offset inside that page
+
+
+@dataclass(frozen=True)
+class PagedCacheOps:
+    attend: Callable[..., jax.Array]
+    scale: float
+    sliding_window: int | None = None
+
+    def update_and_attend(self, q, k, v, cache: PagedKVCache, layer, meta: PagedMeta):
+        # Advanced indices (layer, page, offset) around a full slice: the indexed block is [B, T, KV, D],
+        # exactly the layout of k and v, so this is one in-place scatter into the donated cache.
+        kc = cache.k.at[layer, :, meta.slot_page, meta.slot_offset].set(k.astype(cache.k.dtype))
+        vc = cache.v.at[layer, :, meta.slot_page, meta.slot_offset].set(v.astype(cache.v.dtype))
+        out = self.attend(
+            q, kc, vc, layer, meta.page_table, meta.seq_lens, meta.q_start,
+            scale=self.scale, sliding_window=self.sliding_window,
+        )
+        return out, PagedKVCache(kc, vc)
+
+
+def select_attention(backend: str, platform: str, *, interpret: bool = False) -> tuple[Callable[..., jax.Array], str]:
+    """Resolve --attention-backend to a function and a name for logs."""
+    from pallas_kernels.reference import paged_attention_reference
+
+    if backend == "reference" or (backend == "auto" and platform == "cpu"):
+        return paged_attention_reference, "reference"
+    if backend not in ("auto", "pallas"):
+        raise ValueError(f"unknown attention backend {backend!r}")
+    from pallas_kernels import paged_attention
+
+    impl = {"gpu": "pallas_gpu", "cuda": "pallas_gpu", "tpu": "pallas_tpu"}.get(platform)
+    if impl is None and not interpret:
+        raise ValueError(f"the pallas attention backend needs a GPU or TPU (platform is {platform}); "
+                         "use --attention-backend reference")
+    impl = impl or "pallas_gpu"
+    return partial(paged_attention, impl=impl, interpret=interpret), f"{impl}{' (interpret)' if interpret else ''}"

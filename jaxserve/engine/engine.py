@@ -1,0 +1,516 @@
+"""The engine: requests in, incremental outputs out.
+
+`LLMEngine` is the synchronous core (add / abort / step). `AsyncEngine` runs it in its own thread and
+hands each request an async iterator of `RequestOutput`s; `LLM` is the offline batch API on the same core.
+"""
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import math
+import queue
+import random
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from typing import AsyncIterator, Iterable
+
+import jax
+import numpy as np
+
+from jaxserve.config import EngineConfig, ModelConfig, cache_dir
+from jaxserve.engine.kv_cache import PageAllocator, kv_bytes_per_page
+from jaxserve.engine.request import (
+    CompletionOutput,
+    RequestOutput,
+    Sequence,
+    SeqStatus,
+    TokenLogprob,
+)
+from jaxserve.engine.runner import ModelRunner, StepResult
+from jaxserve.engine.scheduler import PrefillChunk, Scheduler, SchedulerLimits
+from jaxserve.engine import stops
+from jaxserve.models.loader import load_params, resolve_model
+from jaxserve.sampling.batch import SamplingRow
+from jaxserve.sampling.params import SamplingParams
+from jaxserve.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_MODEL_LEN = 8192
+CPU_KV_BYTES_CAP = 4 << 30
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    kv_pages_used: int
+    kv_pages_total: int
+    num_prompt_tokens_total: int
+    num_generated_tokens_total: int
+    num_preemptions_total: int
+
+
+def resolve_dtype(dtype: str, platform: str) -> str:
+    if dtype != "auto":
+        return dtype
+    # bfloat16 matmuls on XLA:CPU are several times slower than float32 (docs/benchmarks.md).
+    return "float32" if platform == "cpu" else "bfloat16"
+
+
+def enable_compilation_cache(setting: str | None) -> None:
+    if setting is None:
+        return
+    path = cache_dir() / "xla" if setting == "auto" else setting
+    jax.config.update("jax_compilation_cache_dir", str(path))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+class LLMEngine:
+    """Synchronous engine core; not thread-safe (AsyncEngine serialises access on its thread)."""
+
+    def __init__(self, config: EngineConfig, *, interpret_kernels: bool = False) -> None:
+        self.config = config
+        enable_compilation_cache(config.compilation_cache_dir)
+        if config.tp_size != 1:
+            raise ValueError("tensor parallelism (tp_size > 1) is not implemented yet; use --tp-size 1")
+        files = resolve_model(config.model)
+        self.model_name = files.name
+        self.model_config: ModelConfig = files.config
+        platform = jax.devices()[0].platform
+        self.dtype = resolve_dtype(config.dtype, platform)
+        self.tokenizer = Tokenizer.from_dir(files.path)
+        cfg = self.model_config
+        limit = cfg.max_position_embeddings
+        self.max_model_len = min(config.max_model_len or min(limit, DEFAULT_MAX_MODEL_LEN), limit)
+        if config.max_model_len and config.max_model_len > limit:
+            raise ValueError(f"max_model_len {config.max_model_len} exceeds the model's {limit} positions")
+        self.end_token_ids = tuple(sorted(set(cfg.eos_token_ids) | set(self.tokenizer.eos_token_ids)))
+        num_pages = self._num_pages(platform)
+        self.allocator = PageAllocator(num_pages)
+        from jaxserve.constrained.tables import GrammarPool
+
+        self.grammar_pool = GrammarPool(config.grammar_capacity_states, cfg.vocab_size, min(self.tokenizer.vocab_size, cfg.vocab_size))
+        params = load_params(files.path, cfg, self.dtype)
+        self.runner = ModelRunner(
+            cfg, params, config, dtype=self.dtype, num_pages=num_pages, max_model_len=self.max_model_len,
+            end_token_ids=self.end_token_ids, mask_table_fn=lambda: self.grammar_pool.table,
+            interpret_kernels=interpret_kernels,
+        )
+        self.scheduler = Scheduler(
+            SchedulerLimits(
+                max_running=config.max_running_requests,
+                max_prefill_tokens=config.max_num_batched_tokens,
+                max_prefill_rows=self.runner.max_prefill_rows,
+                max_chunk=self.runner.max_chunk,
+                page_size=config.page_size,
+                prefill_tokens_for_rows=self.runner.buckets.prefill_tokens_for_rows(),
+            ),
+            self.allocator,
+        )
+        self._requests: dict[str, list[Sequence]] = {}
+        self._seq_ids = itertools.count()
+        self._rng = random.Random(config.seed)
+        self.num_prompt_tokens_total = 0
+        self.num_generated_tokens_total = 0
+        self.num_preemptions_total = 0
+        self.warmup_seconds: float | None = None
+        self._constraint_compiler = None
+        self._vocab_info = None
+        self._vocab_lock = threading.Lock()
+        log.info("model %s (%s, %s), %d KV pages of %d tokens, attention %s", files.path, cfg.family,
+                 self.dtype, num_pages, config.page_size, self.runner.attention_name)
+
+    def _num_pages(self, platform: str) -> int:
+        cfg, ps = self.config, self.config.page_size
+        if cfg.num_pages is not None:
+            if cfg.num_pages < 2:
+                raise ValueError("num_pages must be at least 2")
+            return cfg.num_pages
+        dtype_bytes = 4 if self.dtype == "float32" else 2
+        per_page = kv_bytes_per_page(self.model_config, ps, dtype_bytes)
+        full = cfg.max_running_requests * math.ceil(self.max_model_len / ps) + 1
+        if platform == "cpu":
+            return max(2, min(full, CPU_KV_BYTES_CAP // per_page))
+        stats = jax.devices()[0].memory_stats() or {}
+        limit = stats.get("bytes_limit")
+        if not limit:
+            return full
+        free = limit - stats.get("bytes_in_use", 0)
+        return max(2, min(full, int(free * cfg.kv_memory_fraction) // per_page))
+
+    # -- requests --------------------------------------------------------------------------------
+    def validate(self, prompt_ids: list[int], params: SamplingParams) -> int:
+        """Check a request; return its resolved max_tokens. ValueError names what is wrong."""
+        if not prompt_ids:
+            raise ValueError("the prompt is empty")
+        vocab = self.model_config.vocab_size
+        bad = [t for t in prompt_ids if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
+        params.validate(vocab)
+        room = self.max_model_len - len(prompt_ids)
+        if room <= 0:
+            raise ValueError(
+                f"the prompt has {len(prompt_ids)} tokens; this model's context length is {self.max_model_len}"
+            )
+        if params.max_tokens is not None and params.max_tokens > room:
+            raise ValueError(
+                f"the prompt ({len(prompt_ids)} tokens) plus max_tokens ({params.max_tokens}) exceeds this "
+                f"model's context length of {self.max_model_len} tokens"
+            )
+        pages_needed = math.ceil(self.max_model_len / self.config.page_size)
+        if pages_needed > self.allocator.num_usable and len(prompt_ids) + (params.max_tokens or room) > self.allocator.num_usable * self.config.page_size:
+            raise ValueError(
+                f"the request needs more KV cache ({len(prompt_ids) + (params.max_tokens or room)} tokens) than "
+                f"the server holds ({self.allocator.num_usable * self.config.page_size} tokens)"
+            )
+        return params.max_tokens if params.max_tokens is not None else room
+
+    def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams, grammar=None) -> None:
+        if request_id in self._requests:
+            raise ValueError(f"duplicate request id {request_id!r}")
+        max_tokens = self.validate(prompt_ids, params)
+        seqs = []
+        for i in range(params.n):
+            seed = params.seed + i if params.seed is not None else self._rng.getrandbits(63)
+            seq = Sequence(
+                seq_id=next(self._seq_ids), request_id=request_id, index=i, prompt_ids=list(prompt_ids),
+                params=params, seed=seed, max_tokens=max_tokens,
+            )
+            seq.detokenizer = self.tokenizer.detokenizer(skip_special_tokens=params.skip_special_tokens)
+            if grammar is not None:
+                seq.grammar = grammar
+                seq.grammar_offset = self.grammar_pool.add(grammar)
+                seq.grammar_state = grammar.start_state
+            seqs.append(seq)
+        self._requests[request_id] = seqs
+        for s in seqs:
+            self.scheduler.add(s)
+        self.num_prompt_tokens_total += len(prompt_ids)
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        seqs = self._requests.pop(request_id, None)
+        if seqs is None:
+            return None
+        outs = []
+        for s in seqs:
+            if not s.is_finished:
+                self._finish(s, "abort")
+                outs.append(CompletionOutput(s.index, [], "", None, "abort", None))
+        return RequestOutput(request_id, outs, len(seqs[0].prompt_ids), sum(len(s.output_ids) for s in seqs), True)
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_work()
+
+    def compile_constraint(self, constraint):
+        """Compile a Constraint into token tables (LRU-cached, thread-safe); ValueError when it cannot be."""
+        with self._vocab_lock:
+            if self._vocab_info is None:
+                from jaxserve.constrained.compiler import ConstraintCompiler
+                from jaxserve.constrained.vocab import VocabInfo
+
+                self._constraint_compiler = ConstraintCompiler()
+                self._vocab_info = VocabInfo.from_token_bytes(
+                    self.tokenizer.token_bytes(), eos_token_ids=self.end_token_ids,
+                    vocab_width=self.model_config.vocab_size,
+                )
+        return self._constraint_compiler.compile(constraint.kind, constraint.spec, self._vocab_info)
+
+    def stats(self) -> EngineStats:
+        return EngineStats(
+            num_running=len(self.scheduler.running), num_waiting=len(self.scheduler.waiting),
+            kv_pages_used=self.allocator.num_used, kv_pages_total=self.allocator.num_usable,
+            num_prompt_tokens_total=self.num_prompt_tokens_total,
+            num_generated_tokens_total=self.num_generated_tokens_total,
+            num_preemptions_total=self.num_preemptions_total,
+        )
+
+    def warmup(self, progress=None) -> float:
+        self.warmup_seconds = self.runner.warmup(progress)
+        return self.warmup_seconds
+
+    # -- one step --------------------------------------------------------------------------------
+    def _sampling_row(self, seq: Sequence, emits: bool) -> SamplingRow:
+        p = seq.params
+        suppress = p.ignore_eos or len(seq.output_ids) < p.min_tokens
+        return SamplingRow(
+            params=p, seed=seq.seed, step=len(seq.output_ids), slot=seq.slot if emits else -1,
+            mask_row=(seq.grammar_offset + seq.grammar_state) if seq.grammar is not None else 0,
+            suppress_end=suppress,
+        )
+
+    def step(self) -> list[RequestOutput]:
+        sched = self.scheduler.schedule()
+        self.num_preemptions_total += len(sched.preempted)
+        advanced: list[Sequence] = []
+        if sched.decode:
+            rows = [self._sampling_row(s, True) for s in sched.decode]
+            res = self.runner.run_decode(sched.decode, rows)
+            for i, s in enumerate(sched.decode):
+                s.num_computed += 1
+                self._append(s, res, i)
+                advanced.append(s)
+        if sched.prefill:
+            rows = [self._sampling_row(c.seq, c.is_last and not c.seq.output_ids) for c in sched.prefill]
+            res = self.runner.run_prefill(sched.prefill, rows)
+            for i, c in enumerate(sched.prefill):
+                s = c.seq
+                if s.is_finished:
+                    continue
+                s.num_computed += c.length
+                if c.is_last and not s.output_ids:
+                    self._append(s, res, i)
+                    advanced.append(s)
+        return self._collect(advanced)
+
+    def _append(self, seq: Sequence, res: StepResult, row: int) -> None:
+        if seq.is_finished:
+            return
+        token = int(res.tokens[row])
+        if seq.grammar is not None and int(res.num_allowed[row]) == 0:
+            self._finish(seq, "abort", "the constraint allows no token here (grammar dead end)")
+            return
+        seq.output_ids.append(token)
+        self.num_generated_tokens_total += 1
+        if seq.first_token_time is None:
+            seq.first_token_time = time.monotonic()
+        if seq.params.logprobs is not None:
+            k = seq.params.logprobs
+            top = [(int(t), float(lp)) for t, lp in zip(res.top_ids[row][:k], res.top_logprobs[row][:k])]
+            seq.logprobs.append(TokenLogprob(token, float(res.logprob[row]), top))
+        if seq.grammar is not None and token not in self.end_token_ids:
+            seq.grammar_state = seq.grammar.next_state(seq.grammar_state, token)
+        finish = stops.advance(seq, token, self.end_token_ids, self.max_model_len)
+        if finish is not None:
+            self._finish(seq, *finish)
+
+    def _finish(self, seq: Sequence, reason: str, stop_reason: int | str | None = None) -> None:
+        seq.status = SeqStatus.FINISHED
+        seq.finish_reason = reason
+        seq.stop_reason = stop_reason
+        self.scheduler.remove(seq)
+        if seq.grammar is not None:
+            self.grammar_pool.release(seq.grammar)
+            seq.grammar = None
+
+    def _collect(self, advanced: Iterable[Sequence]) -> list[RequestOutput]:
+        by_request: dict[str, list[Sequence]] = {}
+        for s in advanced:
+            by_request.setdefault(s.request_id, []).append(s)
+        outs = []
+        for rid, seqs in by_request.items():
+            all_seqs = self._requests.get(rid)
+            if all_seqs is None:
+                continue
+            choice_outs = []
+            for s in seqs:
+                new_ids = s.output_ids[s.sent_tokens:]
+                lps = s.logprobs[s.sent_tokens:] if s.params.logprobs is not None else None
+                s.sent_tokens = len(s.output_ids)
+                text, s.pending_emit = s.pending_emit, ""
+                choice_outs.append(CompletionOutput(s.index, new_ids, text, lps, s.finish_reason, s.stop_reason))
+            finished = all(s.is_finished for s in all_seqs)
+            outs.append(RequestOutput(rid, choice_outs, len(all_seqs[0].prompt_ids),
+                                      sum(len(s.output_ids) for s in all_seqs), finished))
+            if finished:
+                del self._requests[rid]
+        return outs
+
+
+class AsyncEngine:
+    """Runs an `LLMEngine` on its own thread; the asyncio side only enqueues and awaits outputs."""
+
+    def __init__(self, engine: LLMEngine) -> None:
+        self.engine = engine
+        self._inbox: queue.Queue = queue.Queue()
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._thread: threading.Thread | None = None
+        self._stopping = threading.Event()
+        self.ready = False
+
+    @classmethod
+    def from_config(cls, config: EngineConfig) -> "AsyncEngine":
+        return cls(LLMEngine(config))
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        return self.engine.tokenizer
+
+    @property
+    def model_config(self) -> ModelConfig:
+        return self.engine.model_config
+
+    @property
+    def max_model_len(self) -> int:
+        return self.engine.max_model_len
+
+    @property
+    def model_name(self) -> str:
+        return self.engine.model_name
+
+    def stats(self) -> EngineStats:
+        return self.engine.stats()
+
+    async def start(self, progress=None) -> None:
+        """Precompile every shape bucket, then start the engine thread."""
+        if self._thread is not None:
+            return
+        await asyncio.to_thread(self.engine.warmup, progress)
+        self._thread = threading.Thread(target=self._loop, name="jaxserve-engine", daemon=True)
+        self._thread.start()
+        self.ready = True
+
+    async def shutdown(self) -> None:
+        self._stopping.set()
+        self._inbox.put(("wake",))
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join)
+            self._thread = None
+        for rid, (loop, q) in list(self._streams.items()):
+            loop.call_soon_threadsafe(q.put_nowait, RuntimeError("the server is shutting down"))
+        self._streams.clear()
+        self.ready = False
+
+    def abort(self, request_id: str) -> None:
+        self._inbox.put(("abort", request_id))
+
+    async def generate(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None) -> AsyncIterator[RequestOutput]:
+        if not self.ready:
+            raise RuntimeError("the engine is not started")
+        request_id = request_id or uuid.uuid4().hex
+        self.engine.validate(prompt_ids, params)
+        grammar = None
+        if params.constraint is not None:
+            grammar = await asyncio.to_thread(self.engine.compile_constraint, params.constraint)
+        loop = asyncio.get_running_loop()
+        q: asyncio.Queue = asyncio.Queue()
+        if request_id in self._streams:
+            raise ValueError(f"duplicate request id {request_id!r}")
+        self._streams[request_id] = (loop, q)
+        self._inbox.put(("add", request_id, list(prompt_ids), params, grammar))
+        finished = False
+        try:
+            while True:
+                item = await q.get()
+                if isinstance(item, BaseException):
+                    raise item
+                finished = item.finished
+                yield item
+                if finished:
+                    return
+        finally:
+            self._streams.pop(request_id, None)
+            if not finished:
+                self.abort(request_id)
+
+    # -- engine thread -----------------------------------------------------------------------------
+    def _deliver(self, request_id: str, item) -> None:
+        stream = self._streams.get(request_id)
+        if stream is not None:
+            loop, q = stream
+            loop.call_soon_threadsafe(q.put_nowait, item)
+
+    def _handle(self, msg: tuple) -> None:
+        kind = msg[0]
+        if kind == "add":
+            _, rid, ids, params, grammar = msg
+            try:
+                self.engine.add_request(rid, ids, params, grammar)
+            except ValueError as e:
+                self._deliver(rid, e)
+        elif kind == "abort":
+            self.engine.abort(msg[1])
+
+    def _loop(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                block = not self.engine.has_work()
+                while True:
+                    msg = self._inbox.get(block=block, timeout=0.5 if block else None)
+                    self._handle(msg)
+                    block = False
+            except queue.Empty:
+                pass
+            if self._stopping.is_set():
+                break
+            if not self.engine.has_work():
+                continue
+            try:
+                outputs = self.engine.step()
+            except Exception as e:  # a bug or a device failure: fail the affected requests loudly
+                log.exception("engine step failed")
+                for rid in list(self.engine._requests):
+                    self.engine.abort(rid)
+                    self._deliver(rid, RuntimeError(f"engine step failed: {e}"))
+                continue
+            for out in outputs:
+                self._deliver(out.request_id, out)
+        for rid in list(self.engine._requests):
+            out = self.engine.abort(rid)
+            if out is not None:
+                self._deliver(rid, out)
+
+
+@dataclass
+class Completion:
+    index: int
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None
+    stop_reason: int | str | None
+    logprobs: list[TokenLogprob] | None
+
+
+@dataclass
+class GenerationResult:
+    request_id: str
+    prompt_ids: list[int]
+    outputs: list[Completion]
+
+
+class LLM:
+    """Offline batch generation on the same engine: `LLM(model).generate(prompts, params)`."""
+
+    def __init__(self, model: str | None = None, *, warmup: bool = False, **engine_options) -> None:
+        self.engine = LLMEngine(EngineConfig(model=model, **engine_options))
+        if warmup:
+            self.engine.warmup()
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        return self.engine.tokenizer
+
+    def generate(self, prompts: list[str] | list[list[int]] | str, params: SamplingParams | list[SamplingParams] | None = None) -> list[GenerationResult]:
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]  # type: ignore[list-item]
+        params_list = params if isinstance(params, list) else [params or SamplingParams(max_tokens=16)] * len(prompts)
+        if len(params_list) != len(prompts):
+            raise ValueError("give one SamplingParams per prompt, or one for all")
+        results: dict[str, GenerationResult] = {}
+        order = []
+        for prompt, p in zip(prompts, params_list):
+            ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+            rid = uuid.uuid4().hex
+            grammar = self.engine.compile_constraint(p.constraint) if p.constraint is not None else None
+            self.engine.add_request(rid, ids, p, grammar)
+            results[rid] = GenerationResult(rid, ids, [Completion(i, "", [], None, None, [] if p.logprobs is not None else None) for i in range(p.n)])
+            order.append(rid)
+        while self.engine.has_work():
+            for out in self.engine.step():
+                res = results[out.request_id]
+                for c in out.outputs:
+                    comp = res.outputs[c.index]
+                    comp.text += c.text
+                    comp.token_ids.extend(c.token_ids)
+                    if c.logprobs:
+                        comp.logprobs.extend(c.logprobs)
+                    comp.finish_reason, comp.stop_reason = c.finish_reason, c.stop_reason
+        return [results[r] for r in order]
+
+    def chat(self, messages: list[dict], params: SamplingParams | None = None, **template_kwargs) -> GenerationResult:
+        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, **template_kwargs)
+        return self.generate([ids], params)[0]

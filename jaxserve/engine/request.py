@@ -1,0 +1,99 @@
+"""A request's state inside the engine: one `Sequence` per choice (n > 1 gives n sequences)."""
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from jaxserve.sampling.params import SamplingParams
+
+
+class SeqStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass
+class TokenLogprob:
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]
+
+
+@dataclass
+class CompletionOutput:
+    """One choice's progress in one engine step."""
+
+    index: int
+    token_ids: list[int]
+    text: str
+    logprobs: list[TokenLogprob] | None
+    finish_reason: str | None
+    stop_reason: int | str | None
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    outputs: list[CompletionOutput]
+    num_prompt_tokens: int
+    num_output_tokens: int
+    finished: bool
+
+
+@dataclass(eq=False)
+class Sequence:
+    """One sampled continuation of a prompt. Its KV lives in `pages`; `num_computed` tokens of
+    `prompt_ids + output_ids` are in the cache."""
+
+    seq_id: int
+    request_id: str
+    index: int
+    prompt_ids: list[int]
+    params: SamplingParams
+    seed: int
+    max_tokens: int  # resolved against the context length
+    arrival: float = field(default_factory=time.monotonic)
+    status: SeqStatus = SeqStatus.WAITING
+    output_ids: list[int] = field(default_factory=list)
+    pages: list[int] = field(default_factory=list)
+    num_computed: int = 0
+    slot: int = -1  # row of the penalty state while running
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+    detokenizer: Any = None
+    text: str = ""  # text emitted so far (stop strings cut)
+    pending_text: str = ""  # detokenized text held back because it may start a stop string
+    pending_emit: str = ""  # text ready to be reported in the next output
+    sent_tokens: int = 0  # output tokens already reported
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    grammar: Any = None  # compiled TokenTable of the constraint, None when unconstrained
+    grammar_offset: int = 0  # first row of this grammar in the device mask pool
+    grammar_state: int = 0  # current DFA state (relative to the grammar)
+    num_preemptions: int = 0
+    first_token_time: float | None = None
+    # n > 1: siblings share the prompt's pages; only the leader computes the prompt.
+    leader: "Sequence | None" = None
+    followers: list["Sequence"] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self.prompt_ids + self.output_ids
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is SeqStatus.FINISHED
+
+    @property
+    def in_prefill(self) -> bool:
+        """True while tokens other than the last sampled one are missing from the cache."""
+        return self.num_computed < self.num_tokens - (1 if self.output_ids else 0)
+
+    def pages_needed(self, num_tokens: int, page_size: int) -> int:
+        return -(-num_tokens // page_size) - len(self.pages)

@@ -1,0 +1,281 @@
+"""The model runner: owns the weights, the paged KV cache, the penalty state and every jitted function.
+
+One jitted step (model forward + sampler) serves prefill and decode; its shapes come from a small set of
+buckets (rows x tokens x pages per row) that are all compiled at start-up, so serving never compiles.
+The cache and the penalty state are donated, so they are updated in place.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, Sequence as Seq
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxserve.config import EngineConfig, ModelConfig
+from jaxserve.engine.attention import PagedCacheOps, PagedMeta, select_attention
+from jaxserve.engine.kv_cache import PagedKVCache, init_paged_cache
+from jaxserve.engine.scheduler import PrefillChunk
+from jaxserve.engine.request import Sequence
+from jaxserve.models.forward import make_forward
+from jaxserve.sampling.batch import SamplingBatch, SamplingRow, build_sampling_batch
+from jaxserve.sampling.penalties import PenaltyState, add_prompt_tokens, init_penalty_state, reset_slots
+from jaxserve.sampling.sampler import SampleOutput, sample
+
+log = logging.getLogger(__name__)
+
+NUM_TOP_LOGPROBS = 20
+
+
+def _pow2_upto(limit: int, start: int = 1) -> list[int]:
+    out, b = [], start
+    while b < limit:
+        out.append(b)
+        b *= 2
+    out.append(limit)
+    return sorted(set(out))
+
+
+@dataclass(frozen=True)
+class Buckets:
+    decode_rows: tuple[int, ...]
+    page_widths: tuple[int, ...]  # pages per row
+    prefill_shapes: tuple[tuple[int, int], ...]  # (rows, tokens per row)
+
+    @classmethod
+    def make(cls, max_running: int, max_pages_per_row: int, prefill_budget: int, max_chunk: int) -> "Buckets":
+        widths = _pow2_upto(max_pages_per_row, start=min(16, max_pages_per_row))
+        token_sizes = [t for t in (16, 64, 256, 1024, 4096) if t < max_chunk] + [max_chunk]
+        shapes = []
+        for t in sorted(set(token_sizes)):
+            rows = 1
+            while rows * t <= max(prefill_budget, t) and rows <= max_running:
+                shapes.append((rows, t))
+                rows *= 4
+        return cls(tuple(_pow2_upto(max_running)), tuple(widths), tuple(shapes))
+
+    def decode_shape(self, rows: int, pages: int) -> tuple[int, int]:
+        return _first_at_least(self.decode_rows, rows), _first_at_least(self.page_widths, pages)
+
+    def prefill_shape(self, rows: int, tokens: int) -> tuple[int, int]:
+        fitting = [s for s in self.prefill_shapes if s[0] >= rows and s[1] >= tokens]
+        if not fitting:
+            raise ValueError(f"no prefill bucket holds {rows} rows of {tokens} tokens")
+        return min(fitting, key=lambda s: (s[0] * s[1], s[1]))
+
+    def prefill_tokens_for_rows(self) -> tuple[int, ...]:
+        """Entry r-1: the longest chunk a prefill call of r rows can hold."""
+        max_rows = max(r for r, _ in self.prefill_shapes)
+        return tuple(max(t for r, t in self.prefill_shapes if r >= rows) for rows in range(1, max_rows + 1))
+
+    def count(self) -> int:
+        return len(self.decode_rows) * len(self.page_widths) + len(self.prefill_shapes)
+
+
+def _first_at_least(options: Seq[int], n: int) -> int:
+    for o in options:
+        if o >= n:
+            return o
+    raise ValueError(f"{n} exceeds the largest bucket {options[-1]}")
+
+
+@jax.tree_util.register_dataclass
+@dataclass(frozen=True)
+class StepInputs:
+    tokens: jax.Array  # [B, T]
+    positions: jax.Array  # [B, T]
+    meta: PagedMeta
+    logits_index: jax.Array  # [B]
+    sampling: SamplingBatch
+    # Penalty bookkeeping of prefill chunks: slot to reset (-1 none), the row's slot for prompt tokens
+    # (-1 none), how many chunk tokens are prompt tokens and how many are earlier outputs (recompute).
+    reset_slot: jax.Array  # [B]
+    chunk_slot: jax.Array  # [B]
+    chunk_prompt_len: jax.Array  # [B]
+    chunk_len: jax.Array  # [B]
+
+
+def _step(forward, params, cache, penalty: PenaltyState, mask_table, end_ids, inp: StepInputs):
+    logits, cache = forward(params, inp.tokens, inp.positions, cache, inp.meta, inp.logits_index)
+    penalty = reset_slots(penalty, inp.reset_slot)
+    penalty = add_prompt_tokens(penalty, inp.chunk_slot, inp.tokens, inp.chunk_prompt_len)
+    # Earlier outputs recomputed after a preemption count as generated tokens again.
+    t = jnp.arange(inp.tokens.shape[1])[None, :]
+    is_output = (t >= inp.chunk_prompt_len[:, None]) & (t < inp.chunk_len[:, None]) & (inp.chunk_slot[:, None] >= 0)
+    rows = jnp.where(is_output, inp.chunk_slot[:, None], penalty.num_slots)
+    penalty = PenaltyState(
+        output_counts=penalty.output_counts.at[rows, inp.tokens].add(1, mode="drop"),
+        prompt_mask=penalty.prompt_mask,
+    )
+    out = sample(logits, inp.sampling, penalty, mask_table, end_ids, num_top_logprobs=NUM_TOP_LOGPROBS)
+    return out, cache
+
+
+@dataclass
+class StepResult:
+    tokens: np.ndarray  # [rows]
+    logprob: np.ndarray
+    top_ids: np.ndarray
+    top_logprobs: np.ndarray
+    num_allowed: np.ndarray
+
+
+class ModelRunner:
+    def __init__(
+        self,
+        model_config: ModelConfig,
+        params: dict[str, Any],
+        engine_config: EngineConfig,
+        *,
+        dtype: str,
+        num_pages: int,
+        max_model_len: int,
+        end_token_ids: Seq[int],
+        mask_table_fn,
+        interpret_kernels: bool = False,
+    ) -> None:
+        self.cfg = model_config
+        self.ecfg = engine_config
+        self.dtype = dtype
+        self.page_size = engine_config.page_size
+        self.num_pages = num_pages
+        self.max_model_len = max_model_len
+        self.max_pages_per_row = math.ceil(max_model_len / self.page_size)
+        self.platform = jax.devices()[0].platform
+        attend, self.attention_name = select_attention(
+            engine_config.attention_backend, self.platform, interpret=interpret_kernels
+        )
+        cache_ops = PagedCacheOps(attend, model_config.head_dim**-0.5, model_config.sliding_window)
+        forward = make_forward(model_config, dtype, cache_ops)
+        self._step = jax.jit(partial(_step, forward), donate_argnums=(1, 2))
+        self.params = jax.device_put(params)
+        kv_dtype = jnp.float32 if dtype == "float32" else jnp.bfloat16
+        self.cache = init_paged_cache(model_config, num_pages, self.page_size, kv_dtype)
+        self.penalty = init_penalty_state(engine_config.max_running_requests, model_config.vocab_size)
+        self.end_ids = jnp.asarray(np.array(list(end_token_ids) or [-1], np.int32))
+        self._mask_table_fn = mask_table_fn  # () -> current device grammar mask table
+        max_chunk = min(engine_config.max_num_batched_tokens, max_model_len)
+        self.max_chunk = max_chunk
+        self.buckets = Buckets.make(
+            engine_config.max_running_requests, self.max_pages_per_row, engine_config.max_num_batched_tokens, max_chunk
+        )
+        self.max_prefill_rows = max(r for r, _ in self.buckets.prefill_shapes)
+
+    # -- compilation ---------------------------------------------------------------------------
+    def num_compiled(self) -> int:
+        return self._step._cache_size()
+
+    def warmup(self, progress=None) -> float:
+        """Compile every bucket by running it once on an all-padding batch; returns seconds taken."""
+        t0 = time.perf_counter()
+        shapes = [(r, 1, p) for r in self.buckets.decode_rows for p in self.buckets.page_widths]
+        shapes += [(r, t, self.max_pages_per_row) for r, t in self.buckets.prefill_shapes]
+        for i, (rows, tokens, pages) in enumerate(shapes):
+            inp = self._empty_inputs(rows, tokens, pages)
+            out, self.cache = self._run(inp)
+            jax.block_until_ready(out.tokens)
+            if progress is not None:
+                progress(i + 1, len(shapes), (rows, tokens, pages))
+        return time.perf_counter() - t0
+
+    def _run(self, inp: StepInputs) -> tuple[SampleOutput, PagedKVCache]:
+        out, cache = self._step(self.params, self.cache, self.penalty, self._mask_table_fn(), self.end_ids, inp)
+        self.penalty = out.penalty
+        return out, cache
+
+    # -- building inputs -------------------------------------------------------------------------
+    def _empty_inputs(self, rows: int, tokens: int, pages: int) -> StepInputs:
+        return self._inputs(
+            np.zeros((rows, tokens), np.int32), np.zeros((rows, tokens), np.int32),
+            np.zeros((rows, pages), np.int32), np.zeros(rows, np.int32), np.zeros(rows, np.int32),
+            np.zeros((rows, tokens), np.int32), np.zeros((rows, tokens), np.int32), np.zeros(rows, np.int32),
+            build_sampling_batch([], rows), np.full(rows, -1, np.int32), np.full(rows, -1, np.int32),
+            np.zeros(rows, np.int32), np.zeros(rows, np.int32),
+        )
+
+    @staticmethod
+    def _inputs(tokens, positions, page_table, seq_lens, q_start, slot_page, slot_offset, logits_index,
+                sampling, reset_slot, chunk_slot, chunk_prompt_len, chunk_len) -> StepInputs:
+        return StepInputs(
+            tokens=tokens, positions=positions,
+            meta=PagedMeta(page_table=page_table, seq_lens=seq_lens, q_start=q_start,
+                           slot_page=slot_page, slot_offset=slot_offset),
+            logits_index=logits_index, sampling=sampling, reset_slot=reset_slot, chunk_slot=chunk_slot,
+            chunk_prompt_len=chunk_prompt_len, chunk_len=chunk_len,
+        )
+
+    def _fill_slots(self, seq: Sequence, start: int, length: int, slot_page: np.ndarray, slot_offset: np.ndarray, row: int) -> None:
+        pos = np.arange(start, start + length)
+        pages = np.asarray(seq.pages, np.int32)
+        slot_page[row, :length] = pages[pos // self.page_size]
+        slot_offset[row, :length] = pos % self.page_size
+
+    def run_decode(self, seqs: list[Sequence], rows_info: list[SamplingRow]) -> StepResult:
+        n = len(seqs)
+        max_pages = max(len(s.pages) for s in seqs)
+        rows, width = self.buckets.decode_shape(n, max_pages)
+        tokens = np.zeros((rows, 1), np.int32)
+        positions = np.zeros((rows, 1), np.int32)
+        page_table = np.zeros((rows, width), np.int32)
+        seq_lens = np.zeros(rows, np.int32)
+        q_start = np.zeros(rows, np.int32)
+        slot_page = np.zeros((rows, 1), np.int32)
+        slot_offset = np.zeros((rows, 1), np.int32)
+        for i, s in enumerate(seqs):
+            pos = s.num_tokens - 1
+            tokens[i, 0] = s.output_ids[-1] if s.output_ids else s.prompt_ids[-1]
+            positions[i, 0] = pos
+            page_table[i, : len(s.pages)] = s.pages
+            seq_lens[i] = pos + 1
+            q_start[i] = pos
+            self._fill_slots(s, pos, 1, slot_page, slot_offset, i)
+        none = np.full(rows, -1, np.int32)
+        zeros = np.zeros(rows, np.int32)
+        inp = self._inputs(tokens, positions, page_table, seq_lens, q_start, slot_page, slot_offset, zeros,
+                           build_sampling_batch(rows_info, rows), none, none, zeros, zeros)
+        return self._finish(inp, n)
+
+    def run_prefill(self, chunks: list[PrefillChunk], rows_info: list[SamplingRow]) -> StepResult:
+        n = len(chunks)
+        rows, t = self.buckets.prefill_shape(n, max(c.length for c in chunks))
+        width = self.max_pages_per_row
+        tokens = np.zeros((rows, t), np.int32)
+        positions = np.zeros((rows, t), np.int32)
+        page_table = np.zeros((rows, width), np.int32)
+        seq_lens = np.zeros(rows, np.int32)
+        q_start = np.zeros(rows, np.int32)
+        slot_page = np.zeros((rows, t), np.int32)
+        slot_offset = np.zeros((rows, t), np.int32)
+        logits_index = np.zeros(rows, np.int32)
+        reset_slot = np.full(rows, -1, np.int32)
+        chunk_slot = np.full(rows, -1, np.int32)
+        chunk_prompt_len = np.zeros(rows, np.int32)
+        chunk_len = np.zeros(rows, np.int32)
+        for i, c in enumerate(chunks):
+            s = c.seq
+            ids = s.token_ids[c.start : c.start + c.length]
+            tokens[i, : c.length] = ids
+            positions[i, : c.length] = np.arange(c.start, c.start + c.length)
+            page_table[i, : len(s.pages)] = s.pages
+            seq_lens[i] = c.start + c.length
+            q_start[i] = c.start
+            self._fill_slots(s, c.start, c.length, slot_page, slot_offset, i)
+            logits_index[i] = c.length - 1
+            if c.start == 0:
+                reset_slot[i] = s.slot
+            chunk_slot[i] = s.slot
+            chunk_prompt_len[i] = max(0, min(c.length, len(s.prompt_ids) - c.start))
+            chunk_len[i] = c.length
+        inp = self._inputs(tokens, positions, page_table, seq_lens, q_start, slot_page, slot_offset, logits_index,
+                           build_sampling_batch(rows_info, rows), reset_slot, chunk_slot, chunk_prompt_len, chunk_len)
+        return self._finish(inp, n)
+
+    def _finish(self, inp: StepInputs, n: int) -> StepResult:
+        out, self.cache = self._run(inp)
+        host = jax.device_get((out.tokens, out.logprob, out.top_ids, out.top_logprobs, out.num_allowed))
+        return StepResult(*(np.asarray(a)[:n] for a in host))

@@ -1,0 +1,183 @@
+"""Continuous batching: which sequences decode and which prompt chunks prefill in the next step.
+
+Every step decodes all running sequences that have finished their prompt and adds prefill chunks under
+the token budget (chunked prefill), so a long prompt never starves the decodes. Admission needs free
+pages; when decoding runs out of pages the newest running sequence is preempted (its pages freed, the
+sequence requeued at the front for recompute), so nothing is lost and nothing deadlocks.
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from jaxserve.engine.kv_cache import PageAllocator
+from jaxserve.engine.request import Sequence, SeqStatus
+
+
+@dataclass(frozen=True)
+class PrefillChunk:
+    seq: Sequence
+    start: int  # first position of the chunk
+    length: int
+
+    @property
+    def is_last(self) -> bool:
+        return self.start + self.length >= self.seq.num_tokens - (1 if self.seq.output_ids else 0)
+
+
+@dataclass
+class ScheduledStep:
+    decode: list[Sequence] = field(default_factory=list)
+    prefill: list[PrefillChunk] = field(default_factory=list)
+    preempted: list[Sequence] = field(default_factory=list)
+
+    @property
+    def empty(self) -> bool:
+        return not self.decode and not self.prefill
+
+
+@dataclass(frozen=True)
+class SchedulerLimits:
+    max_running: int
+    max_prefill_tokens: int  # per step
+    max_prefill_rows: int
+    max_chunk: int  # longest chunk of one row in one step
+    page_size: int
+    # rows -> the longest chunk a prefill call with that many rows can hold (the runner's shape buckets)
+    prefill_tokens_for_rows: tuple[int, ...] = ()
+
+    def chunk_cap(self, rows: int) -> int:
+        if not self.prefill_tokens_for_rows:
+            return self.max_chunk
+        if rows > len(self.prefill_tokens_for_rows):
+            return 0
+        return min(self.max_chunk, self.prefill_tokens_for_rows[rows - 1])
+
+
+class Scheduler:
+    def __init__(self, limits: SchedulerLimits, allocator: PageAllocator) -> None:
+        self.limits = limits
+        self.allocator = allocator
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []  # in admission order: the last is the newest
+        self._free_slots = list(range(limits.max_running - 1, -1, -1))
+
+    # -- queue management --------------------------------------------------------------------
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def remove(self, seq: Sequence) -> None:
+        """Drop a sequence wherever it is (finished or aborted) and return its pages and slot."""
+        if seq in self.running:
+            self.running.remove(seq)
+        else:
+            try:
+                self.waiting.remove(seq)
+            except ValueError:
+                pass
+        self._release(seq)
+
+    def _release(self, seq: Sequence) -> None:
+        if seq.pages:
+            self.allocator.free(seq.pages)
+            seq.pages = []
+        if seq.slot >= 0:
+            self._free_slots.append(seq.slot)
+            seq.slot = -1
+        seq.num_computed = 0
+
+    def _preempt(self, seq: Sequence, out: ScheduledStep) -> None:
+        self.running.remove(seq)
+        self._release(seq)
+        seq.status = SeqStatus.WAITING
+        seq.num_preemptions += 1
+        self.waiting.appendleft(seq)
+        out.preempted.append(seq)
+
+    # -- one step --------------------------------------------------------------------------------
+    def schedule(self) -> ScheduledStep:
+        out = ScheduledStep()
+        ps = self.limits.page_size
+
+        # 1. Decode rows: each needs room for one more token. Out of pages -> preempt the newest.
+        decode_candidates = [s for s in self.running if not s.in_prefill]
+        for seq in decode_candidates:
+            if seq not in self.running:  # preempted below as a victim
+                continue
+            need = seq.pages_needed(seq.num_tokens, ps)
+            while need > self.allocator.num_free:
+                victim = self.running[-1]
+                self._preempt(victim, out)
+                if victim is seq:
+                    break
+            if seq not in self.running:
+                continue
+            if need > 0:
+                seq.pages.extend(self.allocator.allocate(need))
+            out.decode.append(seq)
+
+        # 2. Prefill chunks: running sequences in the middle of their prompt first, then admissions.
+        budget = self.limits.max_prefill_tokens
+        for seq in [s for s in self.running if s.in_prefill]:
+            if budget <= 0 or len(out.prefill) >= self.limits.max_prefill_rows:
+                break
+            chunk = self._chunk(seq, budget, self._cap(out))
+            if chunk is None:
+                continue
+            out.prefill.append(chunk)
+            budget -= chunk.length
+        while (
+            self.waiting
+            and budget > 0
+            and len(out.prefill) < self.limits.max_prefill_rows
+            and len(self.running) < self.limits.max_running
+        ):
+            seq = self.waiting[0]
+            chunk = self._chunk(seq, budget, self._cap(out))
+            if chunk is None:
+                break  # FCFS: do not let later requests overtake the head of the queue
+            self.waiting.popleft()
+            seq.status = SeqStatus.RUNNING
+            seq.slot = self._free_slots.pop()
+            self.running.append(seq)
+            out.prefill.append(chunk)
+            budget -= chunk.length
+        if out.empty and len(self.running) > 1:
+            # Every running sequence is stuck mid-prompt waiting for pages: free the newest one's.
+            self._preempt(self.running[-1], out)
+            return self._merge(out, self.schedule())
+        return out
+
+    @staticmethod
+    def _merge(first: ScheduledStep, second: ScheduledStep) -> ScheduledStep:
+        second.preempted = first.preempted + second.preempted
+        return second
+
+    def _cap(self, out: ScheduledStep) -> int:
+        """Longest chunk one more prefill row may have so that the rows still fit a compiled shape."""
+        cap = self.limits.chunk_cap(len(out.prefill) + 1)
+        if any(c.length > cap for c in out.prefill):
+            return 0
+        return cap
+
+    def _chunk(self, seq: Sequence, budget: int, cap: int) -> PrefillChunk | None:
+        """The next prompt chunk of `seq` within `budget` and `cap`, with its pages allocated; None if
+        nothing fits."""
+        target = seq.num_tokens - (1 if seq.output_ids else 0)
+        length = min(target - seq.num_computed, budget, cap)
+        if length <= 0:
+            return None
+        need = seq.pages_needed(seq.num_computed + length, self.limits.page_size)
+        if need > self.allocator.num_free:
+            # Shrink the chunk to the pages that are free rather than stall the prompt.
+            have = len(seq.pages) + self.allocator.num_free
+            length = min(length, have * self.limits.page_size - seq.num_computed)
+            if length <= 0:
+                return None
+            need = seq.pages_needed(seq.num_computed + length, self.limits.page_size)
+        if need > 0:
+            seq.pages.extend(self.allocator.allocate(need))
+        return PrefillChunk(seq, seq.num_computed, length)
