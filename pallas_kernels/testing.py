@@ -140,3 +140,80 @@ def max_relative_error(actual: np.ndarray, expected: np.ndarray, valid: np.ndarr
     if not np.all(np.isfinite(a)):
         return float("inf")
     return float(np.max(np.abs(a - e)) / max(np.max(np.abs(e)), 1e-30))
+
+
+TOLERANCE = {jnp.dtype(jnp.float32): 1e-5, jnp.dtype(jnp.bfloat16): 2e-2}
+
+
+@dataclass(frozen=True)
+class KernelCase:
+    """One kernel-vs-reference comparison (a sample of the test grid)."""
+
+    name: str
+    seq_lens: tuple[int, ...]
+    q_lens: tuple[int, ...]
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    page_size: int
+    dtype: jnp.dtype = jnp.float32
+    soft_cap: float | None = None
+    sliding_window: int | None = None
+
+
+def _edge_lens(page_size: int) -> tuple[int, ...]:
+    return (1, page_size - 1, page_size, page_size + 1)
+
+
+GPU_CASES = (
+    KernelCase("decode-g1-d64-p16-edges", _edge_lens(16), (1,) * 4, 4, 4, 64, 16),
+    KernelCase("decode-g3-d128-p32-edges-bf16", _edge_lens(32), (1,) * 4, 6, 2, 128, 32, jnp.bfloat16),
+    KernelCase("decode-g4-d128-p16-long-ragged", (300, 3, 77, 129, 0), (1, 1, 1, 1, 0), 8, 2, 128, 16),
+    KernelCase("decode-g8-d64-p32-softcap-bf16", (64, 65, 200), (1, 1, 1), 8, 1, 64, 32, jnp.bfloat16, soft_cap=25.0),
+    KernelCase("extend-g4-d64-p16-ragged", (40, 17, 5, 0), (9, 1, 5, 0), 8, 2, 64, 16),
+    KernelCase("prefill-g3-d128-p32-window-bf16", (70, 33), (70, 20), 6, 2, 128, 32, jnp.bfloat16, sliding_window=19),
+)
+
+TPU_CASES = (
+    KernelCase("decode-g1-d128-p64-edges", _edge_lens(64), (1,) * 4, 2, 2, 128, 64),
+    KernelCase("decode-g4-d64-p16-edges-bf16", _edge_lens(16), (1,) * 4, 8, 2, 64, 16, jnp.bfloat16),
+    KernelCase("decode-g8-d128-p32-long-ragged", (260, 31, 0, 97), (1, 1, 0, 1), 8, 1, 128, 32, soft_cap=30.0),
+    KernelCase(
+        "extend-g3-d64-p64-ragged-window-bf16", (150, 64, 9), (40, 1, 9), 6, 2, 64, 64, jnp.bfloat16, sliding_window=50
+    ),
+)
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    relative_error: float
+    tolerance: float
+    padding_is_zero: bool
+
+    @property
+    def passed(self) -> bool:
+        return self.relative_error < self.tolerance and self.padding_is_zero
+
+
+def check_kernel(kernel, case: KernelCase, *, seed: int, **kernel_kwargs) -> CheckResult:
+    """Run `kernel` (a paged-attention callable of the contract) on fresh random data vs the reference.
+
+    Each row gets one spare null slot in its page table; padding query slots must come back zero.
+    """
+    from pallas_kernels.reference import paged_attention_reference  # local: keep testing import-light
+
+    problem = make_problem(
+        np.random.default_rng(seed), seq_lens=list(case.seq_lens), q_lens=list(case.q_lens),
+        num_heads=case.num_heads, num_kv_heads=case.num_kv_heads, head_dim=case.head_dim,
+        page_size=case.page_size, dtype=case.dtype,
+        pages_per_row=-(-max(case.seq_lens) // case.page_size) + 1,
+    )
+    options = dict(scale=case.head_dim ** -0.5, soft_cap=case.soft_cap, sliding_window=case.sliding_window)
+    expected = np.asarray(paged_attention_reference(*problem.args(), **options), np.float32)
+    actual = np.asarray(kernel(*problem.args(), **options, **kernel_kwargs), np.float32)
+    valid = query_validity(problem)
+    return CheckResult(
+        relative_error=max_relative_error(actual, expected, valid),
+        tolerance=TOLERANCE[jnp.dtype(case.dtype)],
+        padding_is_zero=bool(np.all(actual[~valid] == 0)),
+    )

@@ -23,64 +23,29 @@ from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels.paged_attention_gpu import GpuKernelConfig, paged_attention_gpu
 from pallas_kernels.paged_attention_tpu import TpuKernelConfig, paged_attention_tpu
-from pallas_kernels.reference import paged_attention_reference
-from pallas_kernels.testing import make_problem, max_relative_error, query_validity
-
-TOLERANCE = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2}
+from pallas_kernels.testing import GPU_CASES, TPU_CASES, KernelCase, check_kernel, make_problem
 
 
-def _edge_lens(page_size: int) -> list[int]:
-    return [1, page_size - 1, page_size, page_size + 1]
+def _assert_passes(kernel, case: KernelCase, **kwargs) -> None:
+    result = check_kernel(kernel, case, seed=zlib.crc32(case.name.encode()), interpret=True, **kwargs)
+    assert result.relative_error < result.tolerance, f"relative error {result.relative_error}"
+    assert result.padding_is_zero, "padding query slots must be zeros"
 
 
-# (id, seq_lens, q_lens, heads, kv_heads, head_dim, page_size, dtype, soft_cap, window)
-GPU_CASES = [
-    ("decode-g1-d64-p16-edges", _edge_lens(16), [1] * 4, 4, 4, 64, 16, jnp.float32, None, None),
-    ("decode-g3-d128-p32-edges-bf16", _edge_lens(32), [1] * 4, 6, 2, 128, 32, jnp.bfloat16, None, None),
-    ("decode-g4-d128-p16-long-ragged", [300, 3, 77, 129, 0], [1, 1, 1, 1, 0], 8, 2, 128, 16, jnp.float32, None, None),
-    ("decode-g8-d64-p32-softcap-bf16", [64, 65, 200], [1, 1, 1], 8, 1, 64, 32, jnp.bfloat16, 25.0, None),
-    ("extend-g4-d64-p16-ragged", [40, 17, 5, 0], [9, 1, 5, 0], 8, 2, 64, 16, jnp.float32, None, None),
-    ("prefill-g3-d128-p32-window-bf16", [70, 33], [70, 20], 6, 2, 128, 32, jnp.bfloat16, None, 19),
-]
-
-TPU_CASES = [
-    ("decode-g1-d128-p64-edges", _edge_lens(64), [1] * 4, 2, 2, 128, 64, jnp.float32, None, None),
-    ("decode-g4-d64-p16-edges-bf16", _edge_lens(16), [1] * 4, 8, 2, 64, 16, jnp.bfloat16, None, None),
-    ("decode-g8-d128-p32-long-ragged", [260, 31, 0, 97], [1, 1, 0, 1], 8, 1, 128, 32, jnp.float32, 30.0, None),
-    ("extend-g3-d64-p64-ragged-window-bf16", [150, 64, 9], [40, 1, 9], 6, 2, 64, 64, jnp.bfloat16, None, 50),
-]
-
-
-def _check(kernel, case, seed: int, **kernel_kwargs) -> None:
-    _, seq_lens, q_lens, heads, kv_heads, head_dim, page_size, dtype, soft_cap, window = case
-    problem = make_problem(
-        np.random.default_rng(seed), seq_lens=seq_lens, q_lens=q_lens, num_heads=heads,
-        num_kv_heads=kv_heads, head_dim=head_dim, page_size=page_size, dtype=dtype,
-        pages_per_row=-(-max(seq_lens) // page_size) + 1,  # one extra null slot per row
-    )
-    options = dict(scale=head_dim ** -0.5, soft_cap=soft_cap, sliding_window=window)
-    expected = np.asarray(paged_attention_reference(*problem.args(), **options), np.float32)
-    actual = np.asarray(kernel(*problem.args(), **options, interpret=True, **kernel_kwargs), np.float32)
-    valid = query_validity(problem)
-    error = max_relative_error(actual, expected, valid)
-    assert error < TOLERANCE[dtype], f"relative error {error}"
-    assert np.all(actual[~valid] == 0), "padding query slots must be zeros"
-
-
-@pytest.mark.parametrize("case", GPU_CASES, ids=[c[0] for c in GPU_CASES])
+@pytest.mark.parametrize("case", GPU_CASES, ids=[c.name for c in GPU_CASES])
 def test_gpu_kernel_matches_reference(case):
-    _check(paged_attention_gpu, case, seed=zlib.crc32(case[0].encode()), poison_output=True)
+    _assert_passes(paged_attention_gpu, case, poison_output=True)
 
 
 def test_gpu_kernel_split_kv_matches_reference():
-    case = ("split", [300, 45, 0, 129], [1, 1, 0, 1], 8, 2, 64, 16, jnp.float32, None, None)
-    _check(paged_attention_gpu, case, seed=7, config=GpuKernelConfig(keys_per_block=32, num_kv_splits=4))
+    case = KernelCase("split-kv", (300, 45, 0, 129), (1, 1, 0, 1), 8, 2, 64, 16)
+    _assert_passes(paged_attention_gpu, case, poison_output=True, config=GpuKernelConfig(keys_per_block=32, num_kv_splits=4))
 
 
-@pytest.mark.parametrize("case", TPU_CASES, ids=[c[0] for c in TPU_CASES])
+@pytest.mark.parametrize("case", TPU_CASES, ids=[c.name for c in TPU_CASES])
 def test_tpu_kernel_matches_reference(case):
     config = TpuKernelConfig(keys_per_block=128, target_rows=32)  # several KV and query blocks per row
-    _check(paged_attention_tpu, case, seed=zlib.crc32(case[0].encode()), config=config)
+    _assert_passes(paged_attention_tpu, case, config=config)
 
 
 def test_interpreters_poison_unwritten_outputs():
