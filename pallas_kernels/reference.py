@@ -20,6 +20,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+_PRECISION = jax.lax.Precision.HIGHEST
+
 
 def validate_paged_attention_args(
     q: jax.Array,
@@ -120,8 +122,9 @@ def paged_attention_reference(
     values = gather(v_cache)
 
     grouped_q = q.reshape(batch, q_len, num_kv_heads, group, head_dim)
+    # HIGHEST: on GPU the default f32 matmul is TF32, too coarse for a reference (free on CPU).
     logits = jnp.einsum(
-        "btkgd,bksd->bkgts", grouped_q, keys, preferred_element_type=jnp.float32
+        "btkgd,bksd->bkgts", grouped_q, keys, preferred_element_type=jnp.float32, precision=_PRECISION
     ).astype(jnp.float32) * scale
     logits = apply_soft_cap(logits, soft_cap)
 
@@ -142,7 +145,8 @@ def paged_attention_reference(
     weights = jnp.where(visible, jnp.exp(masked - row_max), 0.0)
     denom = jnp.sum(weights, axis=-1, keepdims=True)
     out = jnp.einsum(
-        "bkgts,bksd->btkgd", weights, values.astype(jnp.float32), preferred_element_type=jnp.float32
+        "bkgts,bksd->btkgd", weights, values.astype(jnp.float32), preferred_element_type=jnp.float32,
+        precision=_PRECISION,
     )
     denom = jnp.moveaxis(denom[..., 0], 3, 1)[..., None]  # [B, Tq, KV, G, 1]
     out = jnp.where(denom > 0, out / jnp.where(denom > 0, denom, 1.0), 0.0)
