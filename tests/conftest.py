@@ -16,6 +16,14 @@ def smollm2_tokenizer_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
+def smollm2_gguf_path(smollm2_tokenizer_dir) -> Path:
+    """The embedded default model's original GGUF file (in the cache, next to its conversion)."""
+    from jaxserve.models.default import default_gguf_path
+
+    return default_gguf_path()
+
+
+@pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory, smollm2_tokenizer_dir) -> Callable[[str], Path]:
     """tiny_model_dir(family) -> path of a tiny random HF model of that family (written once per session)."""
     from jaxserve.models.testing import make_tiny_model

@@ -153,17 +153,24 @@ def _llama3_rope_scaling_from_freqs(gf: GGUFFile, head_dim: int, rope_theta: flo
     # 1/d = (1 - s)/factor + s  ->  s = (1/d - 1/factor) / (1 - 1/factor), and s = a/wavelen + b
     smooth = (1.0 / divisors - 1.0 / factor) / (1.0 - 1.0 / factor)
     original = int(gf.arch_value("context_length", 8192))
+    ones, scaled = inv_wavelen[divisors <= 1.0 + 1e-4], inv_wavelen[divisors >= factor * (1 - 1e-4)]
     if blended.sum() >= 2:
         slope, intercept = np.polyfit(inv_wavelen[blended], smooth[blended], 1)
-        high_minus_low = original / slope
-        low = -intercept * high_minus_low
-        high = low + high_minus_low
+    elif ones.size == 0 or scaled.size == 0:
+        raise ValueError(f"{gf.path}: cannot interpret rope_freqs as Llama-3 rope scaling")
+    elif blended.sum() == 1:
+        # One blended point fixes the line only up to its slope: take the least slope that keeps every
+        # unscaled frequency at s >= 1 and every fully scaled one at s <= 0 (the clipping then agrees).
+        x0, s0 = float(inv_wavelen[blended][0]), float(smooth[blended][0])
+        slope = max((1.0 - s0) / (ones.min() - x0), s0 / (x0 - scaled.max()))
+        intercept = s0 - slope * x0
     else:
-        # A step with no blended entries: put the boundaries between the last 1 and the first `factor`.
-        ones, scaled = inv_wavelen[divisors <= 1.0 + 1e-4], inv_wavelen[divisors >= factor * (1 - 1e-4)]
-        if ones.size == 0 or scaled.size == 0:
-            raise ValueError(f"{gf.path}: cannot interpret rope_freqs as Llama-3 rope scaling")
-        high, low = original * ones.min(), original * scaled.max()
+        # A plain step: s = 0 at the last fully scaled frequency and 1 at the first unscaled one.
+        slope = 1.0 / (ones.min() - scaled.max())
+        intercept = -slope * scaled.max()
+    high_minus_low = original / slope
+    low = -intercept * high_minus_low
+    high = low + high_minus_low
     scaling = {
         "rope_type": "llama3",
         "factor": factor,
