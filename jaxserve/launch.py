@@ -161,7 +161,15 @@ async def serve(config: ServerConfig) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: None)
     await server.serve(sockets=[sock])
-    return 1 if failures else 0
+    code = 1 if failures else 0
+    if not app.state.jaxserve.ready and not failures:
+        # Stopped during warm-up: XLA compilation in the loader thread cannot be interrupted, and asyncio
+        # would wait for that thread before returning. Nothing is in flight, so leave right away.
+        print("jaxserve: stopped during start-up", file=sys.stderr, flush=True)
+        logging.shutdown()
+        sys.stdout.flush()
+        os._exit(code)
+    return code
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -128,7 +128,10 @@ def tool_mode_and_constraint(req: ChatCompletionRequest) -> tuple[ToolMode, Cons
     if choice == "none":
         return ToolMode(), constraint
     if choice == "auto":
-        return ToolMode(parse_auto=constraint is None, names=names), constraint
+        # A JSON constraint makes the reply a JSON document, not a call; a regex may well spell the
+        # model's call format (e.g. to force a <tool_call> block), so its output is still parsed.
+        parse = constraint is None or constraint.kind == "regex"
+        return ToolMode(parse_auto=parse, names=names), constraint
     if constraint is not None:
         raise bad_request("tool_choice required/named cannot be combined with another output constraint", param="tool_choice")
     parallel = req.parallel_tool_calls is not False
@@ -203,6 +206,14 @@ class ChatService:
             raise bad_request("continue_final_message needs the last message to be from the assistant", param="messages")
         params = chat_sampling_params(req, constraint, engine.tokenizer.vocab_size)
         check_prompt_chars(_prompt_chars(req), engine.max_model_len, "messages")
+        if len(req.messages) > engine.max_model_len:
+            # Every template spends at least one token per message: this cannot fit, and rendering
+            # a huge list through Jinja would be the expensive part.
+            raise bad_request(
+                f"{len(req.messages)} messages cannot fit the context of {engine.max_model_len} tokens",
+                param="messages",
+                code="context_length_exceeded",
+            )
         prompt_ids = await self._render(engine, req)
         check_context(len(prompt_ids), params.max_tokens, engine.max_model_len)
         self.state.admit()
