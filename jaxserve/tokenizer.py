@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 _REPLACEMENT_CHAR = "\ufffd"
+_BYTE_FALLBACK_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")
 
 
 def _as_id_list(value: Any) -> list[int]:
@@ -52,6 +54,15 @@ class Tokenizer:
         special = {int(i) for i in hf_tokenizer.all_special_ids}
         special.update(int(i) for i, token in added.items() if token.special)
         self._all_special_ids = tuple(sorted(special))
+        self._byte_fallback_ids = self._find_byte_fallback_ids(hf_tokenizer)
+
+    @staticmethod
+    def _find_byte_fallback_ids(hf_tokenizer: Any) -> frozenset[int]:
+        """Ids of sentencepiece `<0xNN>` byte tokens, when the vocabulary decodes them by byte fallback."""
+        if not getattr(hf_tokenizer.backend_tokenizer.model, "byte_fallback", False):
+            return frozenset()
+        vocab = hf_tokenizer.backend_tokenizer.get_vocab(with_added_tokens=False)
+        return frozenset(i for token, i in vocab.items() if _BYTE_FALLBACK_TOKEN.fullmatch(token))
 
     @classmethod
     def from_dir(cls, path: str | os.PathLike[str]) -> "Tokenizer":
@@ -183,6 +194,9 @@ class Tokenizer:
 
     # -- streaming -------------------------------------------------------------------------------------------
 
+    def is_byte_fallback_token(self, token_id: int) -> bool:
+        return token_id in self._byte_fallback_ids
+
     def detokenizer(self, skip_special_tokens: bool = True) -> "IncrementalDetokenizer":
         return IncrementalDetokenizer(self, skip_special_tokens)
 
@@ -194,8 +208,10 @@ class IncrementalDetokenizer:
     span tokens; leading-space rules depend on the previous token), so each step decodes a short window:
     the tokens from `prefix_offset` (already emitted, kept as context) through the new ones, and emits what
     the window's text adds beyond its context. Text ending in an unfinished UTF-8 sequence (U+FFFD) is held
-    back until the next token completes it. The deltas concatenate to `decode(all ids)`; call `flush()` at
-    the end to release text held back for a sequence that never completed.
+    back until the next token completes it. With sentencepiece byte fallback, a run of `<0xNN>` tokens is
+    decoded as a whole (an invalid run turns into one U+FFFD per byte, even its valid start), so a run is
+    never split: text is held while the window ends in a byte token. The deltas concatenate to
+    `decode(all ids)`; call `flush()` at the end to release text held back.
     """
 
     def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = True) -> None:
@@ -215,7 +231,7 @@ class IncrementalDetokenizer:
     def push(self, token_ids: Iterable[int]) -> str:
         """Add new tokens; return the newly completed text ('' while a character is still incomplete)."""
         self._ids.extend(int(t) for t in token_ids)
-        if len(self._ids) == self._read_offset:
+        if len(self._ids) == self._read_offset or self._tokenizer.is_byte_fallback_token(self._ids[-1]):
             return ""
         context = self._decode(self._prefix_offset, self._read_offset)
         text = self._decode(self._prefix_offset)
