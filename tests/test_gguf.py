@@ -22,7 +22,8 @@ from safetensors.numpy import load_file  # noqa: E402
 
 from jaxserve.config import ModelConfig  # noqa: E402
 from jaxserve.models import gguf as gguf_conv  # noqa: E402
-from jaxserve.models.gguf import convert_gguf, converted_dir, read_gguf, unpermute_qk  # noqa: E402
+from jaxserve.models import gguf_tokenizer  # noqa: E402
+from jaxserve.models.gguf import convert_gguf, converted_dir, unpermute_qk  # noqa: E402
 
 # --------------------------------------------------------------------------------------------------------------
 # Writing tiny GGUF files
@@ -31,7 +32,7 @@ from jaxserve.models.gguf import convert_gguf, converted_dir, read_gguf, unpermu
 HIDDEN, HEADS, KV_HEADS, FFN, LAYERS = 64, 4, 2, 128, 2
 HEAD_DIM = HIDDEN // HEADS
 
-_BYTE_CHARS = gguf_conv._bytes_to_unicode()
+_BYTE_CHARS = gguf_tokenizer._bytes_to_unicode()
 _BYTE_LEVEL_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 # Merges of a toy byte-level vocabulary (spelled in GPT-2's byte alphabet: "Ġ" is a space).
 _BYTE_LEVEL_MERGES = [
