@@ -210,7 +210,9 @@ def paged_attention_gpu(
         min_rows=16, power_of_two_rows=True,
     )
     pages_per_row = page_table.shape[1]
-    pages_per_block = max(1, min(config.keys_per_block // page_size, _next_pow2(pages_per_row)))
+    # Triton's dot needs every tile dimension >= 16, so a block holds at least 16 keys.
+    min_pages = max(1, 16 // page_size)
+    pages_per_block = max(min_pages, min(config.keys_per_block // page_size, _next_pow2(pages_per_row)))
     kv_blocks = -(-pages_per_row // pages_per_block)
     # Pad the table with the null page so the last block's gather stays in bounds.
     page_table = jnp.pad(page_table.astype(jnp.int32), ((0, 0), (0, kv_blocks * pages_per_block - pages_per_row)))
