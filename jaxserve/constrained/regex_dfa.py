@@ -166,7 +166,25 @@ class _Nfa:
 
 # ---------------------------------------------------------------- DFA
 
+def _expanded_size(node: Node, cap: int) -> int:
+    """Rough NFA size after expanding counted repetitions (stops counting past `cap`)."""
+    if isinstance(node, Chars):
+        return 1 + len(node.ranges)
+    if isinstance(node, (Seq, Alt)):
+        total = 1
+        for item in node.items:
+            total += _expanded_size(item, cap)
+            if total > cap:
+                return total
+        return total
+    copies = max(node.min, 1 if node.max is None else node.max)
+    return 1 + min(_expanded_size(node.item, cap) * copies, cap + 1)
+
+
 def compile_dfa(node: Node, limits: DfaLimits = DfaLimits()) -> ByteDfa:
+    """Minimal byte DFA of the IR. Raises ValueError("regex too complex ...") past the limits."""
+    if _expanded_size(node, limits.max_nfa_states) > limits.max_nfa_states:
+        raise ValueError("regex too complex: counted repetitions expand past the automaton size limit")
     deadline = time.monotonic() + limits.max_seconds
     nfa = _Nfa(limits, deadline)
     start = nfa.new()
@@ -213,30 +231,23 @@ def _subset_construction(nfa: _Nfa, start: int, accept: int, limits: DfaLimits, 
     start_set = close(start)
     index = {start_set: 0}
     sets = [start_set]
-    rows: list[list[int]] = []
+    rows: list[np.ndarray] = []
     i = 0
     while i < len(sets):
         if (i & 63) == 0 and time.monotonic() > deadline:
             raise ValueError("regex too complex: compile time limit exceeded")
-        moves: list[set[int] | None] = [None] * num_classes
-        for s in sets[i]:
-            for clo, chi, t in cls_edges[s]:
-                for c in range(clo, chi + 1):
-                    m = moves[c]
-                    if m is None:
-                        moves[c] = {t}
-                    else:
-                        m.add(t)
-        row = [DEAD] * num_classes
+        edges = [e for s in sets[i] for e in cls_edges[s]]
+        row = np.full(num_classes, DEAD, dtype=np.int32)
+        # Sweep the class axis: between consecutive edge boundaries the set of targets is constant.
+        points = sorted({p for clo, chi, _ in edges for p in (clo, chi + 1)})
         cache: dict[frozenset[int], int] = {}
-        for c in range(num_classes):
-            m = moves[c]
-            if not m:
+        for a, b in zip(points, points[1:]):
+            key = frozenset(t for clo, chi, t in edges if clo <= a <= chi)
+            if not key:
                 continue
-            key = frozenset(m)
             j = cache.get(key)
             if j is None:
-                target = frozenset().union(*(close(t) for t in m)) if len(m) > 1 else close(next(iter(m)))
+                target = frozenset().union(*(close(t) for t in key)) if len(key) > 1 else close(next(iter(key)))
                 j = index.get(target)
                 if j is None:
                     if len(sets) >= limits.max_dfa_states:
@@ -246,10 +257,10 @@ def _subset_construction(nfa: _Nfa, start: int, accept: int, limits: DfaLimits, 
                     index[target] = j
                     sets.append(target)
                 cache[key] = j
-            row[c] = j
+            row[a:b] = j
         rows.append(row)
         i += 1
-    trans_cls = np.asarray(rows, dtype=np.int32).reshape(len(sets), num_classes)
+    trans_cls = np.stack(rows) if rows else np.zeros((0, num_classes), dtype=np.int32)
     accepting = np.fromiter((accept in s for s in sets), dtype=bool, count=len(sets))
     return trans_cls, accepting, byte_class
 
@@ -270,27 +281,35 @@ def _live_states(trans: np.ndarray, accepting: np.ndarray) -> np.ndarray:
     return live
 
 
-_HASH_MULTIPLIERS = np.random.default_rng(0x5EED).integers(1, 2**63, size=4096, dtype=np.uint64) | np.uint64(1)
-
-
 def _refine(t: np.ndarray, acc: np.ndarray) -> np.ndarray:
-    """Moore refinement: block id per state, equal iff the states accept the same language."""
+    """Moore refinement: block id per state, equal iff the states accept the same language.
+
+    Each round hashes (own block, block of the successor on every class) to 64 bits. A row of the
+    transition table is a few runs of equal targets, so the hash is a sum over runs of
+    (block + 1) * (sum of the run's random class weights): O(runs) per round instead of O(classes).
+    The final partition is verified exactly, so a hash collision can only cost time, never correctness."""
     n, c = t.shape
+    rng = np.random.default_rng(0x5EED)
+    weights = rng.integers(1, 2**63, size=c + 1, dtype=np.uint64) | np.uint64(1)
+    prefix = np.zeros(c + 1, dtype=np.uint64)
+    np.cumsum(weights[1:], out=prefix[1:])  # wraps modulo 2**64, which is fine for hashing
+    starts = np.ones((n, c), dtype=bool)
+    starts[:, 1:] = t[:, 1:] != t[:, :-1]
+    run_state, run_start = np.nonzero(starts)
+    run_end = np.append(run_start[1:], c)
+    run_end[np.append(run_state[1:] != run_state[:-1], True)] = c  # last run of each row ends at c
+    run_weight = prefix[run_end] - prefix[run_start]
+    run_target = t[run_state, run_start]
+    first_run = np.flatnonzero(np.append(True, run_state[1:] != run_state[:-1]))
     block = acc.astype(np.int64)
     count = len(np.unique(block))
-    mult = _HASH_MULTIPLIERS[: c + 1] if c + 1 <= _HASH_MULTIPLIERS.size else None
     while True:
-        succ = np.where(t == DEAD, -1, block[np.maximum(t, 0)])
-        sig = np.concatenate([block[:, None], succ], axis=1)
-        if mult is not None:
-            # Hash the signature rows (fast); verified exactly below, so a collision cannot merge states.
-            h = (sig.astype(np.uint64) * mult).sum(axis=1)
-            _, new_block = np.unique(h, return_inverse=True)
-        else:
-            _, new_block = np.unique(sig, axis=0, return_inverse=True)
-        new_block = new_block.ravel().astype(np.int64)
-        new_count = int(new_block.max()) + 1
-        block = new_block
+        succ_block = np.where(run_target == DEAD, -1, block[np.maximum(run_target, 0)]) + 1
+        h = np.add.reduceat(succ_block.astype(np.uint64) * run_weight, first_run)
+        h += block.astype(np.uint64) * weights[0]
+        _, new_block = np.unique(h, return_inverse=True)
+        block = new_block.ravel().astype(np.int64)
+        new_count = int(block.max()) + 1
         if new_count == count:
             break
         count = new_count

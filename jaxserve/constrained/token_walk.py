@@ -2,9 +2,10 @@
 
 The walk goes depth by depth down the vocabulary trie carrying the live (origin state, trie node, current
 state) triples as flat arrays: a prefix shared by many tokens is stepped once, and a triple dies as soon as
-its current state is dead. When every byte below a trie node loops on the current state (the inside of a
-JSON string, digits of a number), the node's whole subtree is emitted as one range of tokens without
-walking it, so the cost is close to the size of the output.
+its current state is dead. Most states send most bytes to one successor (a JSON string's inside loops on
+itself; a length-counted string steps to the next count): when every byte below a trie node follows that
+chain of successors, the node's whole subtree is emitted as one range of tokens without walking it (the
+end state follows from each token's length), so the cost is close to the size of the output.
 """
 from __future__ import annotations
 
@@ -25,10 +26,39 @@ def _expand(starts: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndar
     return owner, starts[owner] + offsets
 
 
-def _self_loop_bytes(trans: np.ndarray) -> np.ndarray:
-    """uint64 [S, 4]: 256-bit set of the bytes on which each state stays where it is."""
-    loops = trans == np.arange(trans.shape[0])[:, None]
-    return np.packbits(loops, axis=1, bitorder="little").view(np.uint64)
+def _successor_chains(trans: np.ndarray, max_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """For each state q its main successor succ(q) (the live target of the most bytes) and
+    chain[q, k] = succ^k(q) (DEAD absorbs), plus follow[q, k]: 256-bit set (uint64 x 4) of the bytes b with
+    trans[p, b] == succ(p) for every p among succ^0(q) .. succ^(k-1)(q) (all bytes for k = 0)."""
+    n = trans.shape[0]
+    ext = np.concatenate([trans, np.full((1, 256), DEAD, dtype=trans.dtype)])  # row n: DEAD
+    ext = np.where(ext == DEAD, n, ext)
+    # Row mode without a dense count matrix: sort each row, measure runs, keep the longest live run.
+    srt = np.sort(ext, axis=1).ravel()
+    is_start = np.ones(srt.size, dtype=bool)
+    is_start[1:] = srt[1:] != srt[:-1]
+    is_start[::256] = True
+    run_pos = np.flatnonzero(is_start)
+    run_len = np.diff(np.append(run_pos, srt.size))
+    run_row, run_val = run_pos // 256, srt[run_pos]
+    run_len[run_val == n] = 0
+    order = np.lexsort((run_len, run_row))
+    last = np.flatnonzero(np.append(run_row[order][1:] != run_row[order][:-1], True))
+    best = order[last]
+    succ = np.where(run_len[best] > 0, run_val[best], n)
+    succ[n] = n
+    follows = np.packbits(ext == succ[:, None], axis=1, bitorder="little").view(np.uint64).copy()
+    follows[n] = 0
+    follows[succ == n] = 0
+    chain = np.empty((n + 1, max_len + 1), dtype=np.int64)
+    follow = np.empty((n + 1, max_len + 1, 4), dtype=np.uint64)
+    chain[:, 0] = np.arange(n + 1)
+    follow[:, 0] = np.uint64(0xFFFFFFFFFFFFFFFF)
+    for k in range(1, max_len + 1):
+        follow[:, k] = follow[:, k - 1] & follows[chain[:, k - 1]]
+        chain[:, k] = succ[chain[:, k - 1]]
+    chain[chain == n] = DEAD
+    return chain[:n], follow[:n]
 
 
 def walk_vocabulary(dfa: ByteDfa, vocab: VocabInfo) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -37,47 +67,52 @@ def walk_vocabulary(dfa: ByteDfa, vocab: VocabInfo) -> tuple[np.ndarray, np.ndar
     trans = dfa.transitions
     num_states = dfa.num_states
     token_ptr = trie.string_token_ptr
-    loop_bits = _self_loop_bytes(trans)
-    has_loop = loop_bits.any(axis=1)
-    # Emitted token ranges: tokens string_token_ids[lo:hi] go from origin to state.
-    out_origin, out_lo, out_hi, out_state = [], [], [], []
+    max_len = len(trie.levels)
+    chain, follow = _successor_chains(trans, max_len)
+    trie_states = np.arange(num_states, dtype=np.int32)
+    # Emitted ranges: strings [lo, hi) from origin; a string of length L ends at chain[cur, L - depth].
+    out_origin, out_lo, out_hi, out_cur, out_depth = [], [], [], [], []
     if trie.levels:
         first = trie.levels[0]
-        cur = trans[:, first.byte.astype(np.int64)].ravel()  # [S * n1], state-major
-        origin = np.repeat(np.arange(num_states, dtype=np.int32), first.byte.size)
-        node = np.tile(np.arange(first.byte.size, dtype=np.int64), num_states)
+        cur = trans[trie_states][:, first.byte.astype(np.int64)].ravel()  # state-major
+        origin = np.repeat(trie_states, first.byte.size)
+        node = np.tile(np.arange(first.byte.size, dtype=np.int64), trie_states.size)
         keep = cur != DEAD
-        origin, node, cur = origin[keep], node[keep], cur[keep]
-        for depth, level in enumerate(trie.levels):
-            stays = has_loop[cur]
-            idx = np.flatnonzero(stays)
-            below, loops = level.below_bytes[node[idx]], loop_bits[cur[idx]]
-            stays[idx] = ((below[:, 0] & ~loops[:, 0]) | (below[:, 1] & ~loops[:, 1])
-                          | (below[:, 2] & ~loops[:, 2]) | (below[:, 3] & ~loops[:, 3])) == 0
-            out_origin.append(origin[stays])
-            out_lo.append(token_ptr[level.subtree_lo[node[stays]]])
-            out_hi.append(token_ptr[level.subtree_hi[node[stays]]])
-            out_state.append(cur[stays])
-            origin, node, cur = origin[~stays], node[~stays], cur[~stays]
+        origin, node, cur = origin[keep], node[keep], cur[keep].astype(np.int64)
+        for depth, level in enumerate(trie.levels, start=1):
+            below = level.below_bytes[node]
+            allowed = follow[cur, level.below_depth[node]]
+            bulk = ((below & ~allowed) == 0).all(axis=1)
+            out_origin.append(origin[bulk])
+            out_lo.append(level.subtree_lo[node[bulk]])
+            out_hi.append(level.subtree_hi[node[bulk]])
+            out_cur.append(cur[bulk])
+            out_depth.append(np.full(int(bulk.sum()), depth))
+            origin, node, cur = origin[~bulk], node[~bulk], cur[~bulk]
             end = level.end_string[node]
             is_end = end >= 0
             out_origin.append(origin[is_end])
-            out_lo.append(token_ptr[end[is_end]])
-            out_hi.append(token_ptr[end[is_end] + 1])
-            out_state.append(cur[is_end])
-            if depth + 1 == len(trie.levels) or origin.size == 0:
+            out_lo.append(end[is_end])
+            out_hi.append(end[is_end] + 1)
+            out_cur.append(cur[is_end])
+            out_depth.append(np.full(int(is_end.sum()), depth))
+            if depth == max_len or origin.size == 0:
                 break
             owner, child = _expand(level.child_start[node], level.child_count[node])
-            nxt = trans[cur[owner], trie.levels[depth + 1].byte[child]]
+            nxt = trans[cur[owner], trie.levels[depth].byte[child]]
             keep = nxt != DEAD
-            origin, node, cur = origin[owner[keep]], child[keep], nxt[keep]
-    if not out_origin:
-        return np.zeros(0, np.int32), np.zeros(0, np.int32), np.zeros(0, np.int32)
-    lo, hi = np.concatenate(out_lo), np.concatenate(out_hi)
-    owner, index = _expand(lo, hi - lo)
-    origin = np.concatenate(out_origin).astype(np.int32)[owner]
-    state = np.concatenate(out_state).astype(np.int32)[owner]
-    return origin, trie.string_token_ids[index], state
+            origin, node, cur = origin[owner[keep]], child[keep], nxt[keep].astype(np.int64)
+    if out_origin:
+        lo, hi = np.concatenate(out_lo), np.concatenate(out_hi)
+        owner, string = _expand(lo, hi - lo)
+        cur = np.concatenate(out_cur)[owner]
+        state = chain[cur, trie.string_lengths[string] - np.concatenate(out_depth)[owner]]
+        origin = np.concatenate(out_origin).astype(np.int32)[owner]
+    else:
+        origin, string, state = (np.zeros(0, np.int32), np.zeros(0, np.int64), np.zeros(0, np.int64))
+    # Strings -> token ids (several ids can share bytes).
+    owner, index = _expand(token_ptr[string], token_ptr[string + 1] - token_ptr[string])
+    return origin[owner], trie.string_token_ids[index], state[owner].astype(np.int32)
 
 
 def _drop_dead_ends(origin, token, nxt, accepting, num_states):

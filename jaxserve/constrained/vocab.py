@@ -105,6 +105,7 @@ class TrieLevel:
     subtree_lo: np.ndarray  # int64 [n]: the strings with this prefix are [subtree_lo, subtree_hi)
     subtree_hi: np.ndarray
     below_bytes: np.ndarray  # uint64 [n, 4]: 256-bit set of the bytes after this prefix in its subtree
+    below_depth: np.ndarray  # int64 [n]: most bytes after this prefix in any string of its subtree
 
 
 @dataclass(frozen=True, eq=False)
@@ -112,6 +113,9 @@ class VocabTrie:
     levels: tuple[TrieLevel, ...]  # levels[0] is depth 1
     string_token_ptr: np.ndarray  # int64 [U + 1]: CSR unique string -> token ids
     string_token_ids: np.ndarray  # int32
+    string_lengths: np.ndarray  # int64 [U]
+    string_bytes: np.ndarray  # uint8 [U, max_len], zero padded
+    string_byte_sets: np.ndarray  # uint64 [U, 4]: 256-bit set of the bytes in each string
 
 
 def build_trie(tokens: list[bytes | None]) -> VocabTrie:
@@ -168,12 +172,20 @@ def build_trie(tokens: list[bytes | None]) -> VocabTrie:
             below[has] = np.bitwise_or.reduceat(contrib, start[has], axis=0)
         else:
             start = stop = np.zeros(n, dtype=np.int64)
+        # Longest string in [lo, hi): maximum.reduceat over interleaved (lo, hi) bounds, even results.
+        padded = np.append(lens, 0)
+        longest = np.maximum.reduceat(padded, np.stack([sub_lo, sub_hi], axis=1).ravel())[::2]
         levels.append(TrieLevel(byte=byte, child_start=start.astype(np.int64),
                                 child_count=(stop - start).astype(np.int64), end_string=end_string,
-                                subtree_lo=sub_lo, subtree_hi=sub_hi, below_bytes=below))
+                                subtree_lo=sub_lo, subtree_hi=sub_hi, below_bytes=below,
+                                below_depth=longest - (d + 1)))
         below_next = below
     levels.reverse()
-    return VocabTrie(tuple(levels), np.asarray(ptr, dtype=np.int64), np.asarray(ids, dtype=np.int32))
+    onehot = np.zeros((len(uniq), 256), dtype=bool)
+    onehot[rows, flat] = True
+    byte_sets = np.packbits(onehot, axis=1, bitorder="little").view(np.uint64)
+    return VocabTrie(tuple(levels), np.asarray(ptr, dtype=np.int64), np.asarray(ids, dtype=np.int32), lens,
+                     mat, byte_sets)
 
 
 @dataclass(frozen=True, eq=False)
