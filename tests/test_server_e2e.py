@@ -12,6 +12,7 @@ import os
 import random
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -57,13 +58,9 @@ class ServerProcess:
                 self.base = m.group(1)
                 self._ready.set()
 
-    def wait_ready(self, timeout: float) -> str:
-        deadline = time.monotonic() + timeout
-        while not self._ready.wait(1.0):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError(f"server did not start; log:\n{self.log_path.read_text()[-4000:]}")
-        return self.base
+    @property
+    def ready(self) -> bool:
+        return self._ready.is_set()
 
     def stop(self, timeout: float = 60) -> int:
         if self.proc.poll() is None:
@@ -86,14 +83,54 @@ def launch_args(model_dir: Path, *extra: str) -> list[str]:
     ]
 
 
+class LiveServer:
+    def __init__(self, proc: ServerProcess, base: str, warmup_statuses: list[int], warmup_error: dict | None) -> None:
+        self.proc = proc
+        self.warmup_error = warmup_error
+        self.base = base
+        self.warmup_statuses = warmup_statuses
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 @pytest.fixture(scope="module")
-def server(tiny_model_dir, tmp_path_factory):
+def live(tiny_model_dir, tmp_path_factory) -> LiveServer:
+    """The one server of this module. A known port lets us poll /health while it warms up."""
     log = tmp_path_factory.mktemp("server") / "server.log"
-    proc = ServerProcess(launch_args(tiny_model_dir("llama"), "--api-key", API_KEY), log)
-    base = proc.wait_ready(START_TIMEOUT_S)
-    yield base
+    port = free_port()
+    args = launch_args(tiny_model_dir("llama"), "--api-key", API_KEY)
+    args[args.index("--port") + 1] = str(port)
+    proc = ServerProcess(args, log)
+    base = f"http://127.0.0.1:{port}"
+    statuses: list[int] = []
+    warmup_error: dict | None = None
+    deadline = time.monotonic() + START_TIMEOUT_S
+    with httpx.Client(base_url=base, timeout=30) as http:
+        while not proc.ready:
+            if proc.proc.poll() is not None or time.monotonic() > deadline:
+                proc.stop()
+                raise RuntimeError(f"server did not start; log:\n{log.read_text()[-4000:]}")
+            try:
+                r = http.get("/health")
+            except httpx.TransportError:
+                pass
+            else:
+                statuses.append(r.status_code)
+                if r.status_code == 503 and warmup_error is None:
+                    warmup_error = r.json()["error"]
+            time.sleep(0.25)
+    yield LiveServer(proc, base, statuses, warmup_error)
     code = proc.stop()
     assert code == 0, f"server exited with {code}; log:\n{log.read_text()[-4000:]}"
+
+
+@pytest.fixture(scope="module")
+def server(live) -> str:
+    return live.base
 
 
 @pytest.fixture(scope="module")
@@ -459,3 +496,32 @@ def test_fuzz_hostile_bodies_get_4xx_envelopes_and_server_survives(client, http)
         assert_envelope(resp)
     r = client.chat.completions.create(model=MODEL, messages=USER, temperature=0, max_tokens=3)
     assert r.choices[0].finish_reason in ("length", "stop")
+
+
+# ------------------------------------------------------------------------------ life cycle (runs last)
+
+def test_warm_up_answered_503_then_ready_line_named_the_address(live, http):
+    assert 503 in live.warmup_statuses, "never saw the server in its warming-up state"
+    assert live.warmup_error["type"] == "server_error" and "starting" in live.warmup_error["message"]
+    assert live.proc.base == live.base  # the ready line, printed only once warm, names the real address
+    assert http.get("/health").status_code == 200
+
+
+def test_sigterm_finishes_in_flight_request_and_exits_0(live, http):
+    """Must stay the module's last test: it stops the shared server."""
+    body = {"model": MODEL, "messages": USER, "max_tokens": 150, "ignore_eos": True, "stream": True}
+    received = []
+    with http.stream("POST", "/v1/chat/completions", json=body) as resp:
+        lines = resp.iter_lines()
+        for line in lines:
+            if line.startswith("data: "):
+                received.append(line)
+                break
+        live.proc.proc.send_signal(signal.SIGTERM)
+        for line in lines:
+            if line.startswith("data: "):
+                received.append(line)
+    assert received[-1] == "data: [DONE]"
+    finishes = [c["finish_reason"] for line in received[:-1] for c in json.loads(line[6:])["choices"] if c["finish_reason"]]
+    assert finishes in (["length"], ["abort"])
+    assert live.proc.proc.wait(60) == 0
