@@ -61,22 +61,21 @@ def run(logits, rows, *, table=None, end=NO_END, state=None, **kw):
 
 
 def ref_filtered_probs(logits: np.ndarray, temperature: float, top_k: int, top_p: float, min_p: float) -> np.ndarray:
-    """Hugging Face order: temperature -> top-k -> top-p -> min-p, as a sorted-prefix computation."""
+    """Hugging Face order: temperature -> top-k -> top-p -> min-p, as a sorted-prefix computation; a cut
+    inside a run of equal values keeps the whole run (a value threshold cannot split ties)."""
     z = logits.astype(np.float64) / temperature
     p = np.exp(z - z.max())
     p /= p.sum()
     order = np.argsort(-p)
     keep = np.zeros_like(p, bool)
     k = top_k if 0 < top_k < len(p) else len(p)
-    keep[order[:k]] = True
+    keep = p >= p[order[k - 1]]
     if top_p < 1.0:
         pk = np.where(keep, p, 0.0)
         pk /= pk.sum()
         cum = np.cumsum(pk[order])
         last = int(np.searchsorted(cum, top_p))  # first index whose cumulative mass reaches top_p
-        nucleus = np.zeros_like(keep)
-        nucleus[order[: last + 1]] = True
-        keep &= nucleus
+        keep &= p >= p[order[min(last, len(p) - 1)]]
     keep &= p >= min_p * p.max()
     q = np.where(keep, p, 0.0)
     return q / q.sum()
@@ -113,10 +112,18 @@ def test_empirical_frequencies_match_filtered_softmax(case):
     assert tv < 0.05
 
 
-def test_bisection_fallback_gives_the_same_tokens_as_the_top_k_cap():
-    # With a cap of 4 every top-k > 4 and every wide nucleus falls back to bisection; with the default cap
-    # (>= V) all rows resolve from lax.top_k. The thresholds, hence the tokens, must agree exactly.
-    logits = fixed_logits(2)
+def tied_logits() -> np.ndarray:
+    """Runs of equal values: 3 at 3.0, 20 at 1.0, the rest spread below."""
+    logits = np.linspace(-4.0, -1.0, V).astype(np.float32)
+    logits[10:13] = 3.0
+    logits[20:40] = 1.0
+    return logits
+
+
+@pytest.mark.parametrize("logits", [fixed_logits(2), tied_logits()], ids=["distinct", "ties"])
+def test_search_fallback_gives_the_same_tokens_as_the_top_k_cap(logits):
+    # With a cap of 4 every top-k > 4 and every wide nucleus falls back to the value search; with the
+    # default cap (>= V) all rows resolve from lax.top_k. The thresholds, hence the tokens, must agree.
     cases = [dict(top_k=20), dict(top_p=0.9), dict(top_k=30, top_p=0.6, temperature=0.8), dict(top_p=0.3)]
     rows = [r for i, c in enumerate(cases) for r in rows_for(SamplingParams(**c), 512, seed0=1000 * i)]
     default = run(logits, rows)
@@ -210,6 +217,7 @@ def test_penalties_bias_and_logprobs_match_numpy_and_greedy_is_argmax():
 
 def test_greedy_rows_are_argmax_of_unconstrained_logits():
     logits = np.random.default_rng(8).standard_normal((300, V)).astype(np.float32)
+    logits[0, [7, 30]] = 9.0  # a tie: argmax takes the lower index
     rows = [SamplingRow(SamplingParams(temperature=0.0, top_k=2, top_p=0.1), seed=i, step=0, slot=-1) for i in range(300)]
     out = run(logits, rows)
     np.testing.assert_array_equal(np.asarray(out.tokens[:300]), np.argmax(logits, axis=1))

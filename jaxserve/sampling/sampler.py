@@ -23,7 +23,7 @@ import jax.numpy as jnp
 
 from jaxserve.constrained.tables import unpack_mask_bits
 from jaxserve.sampling.batch import GREEDY_TEMPERATURE, SamplingBatch
-from jaxserve.sampling.filters import order_keys, thresholds_by_bisection, thresholds_from_top
+from jaxserve.sampling.filters import order_keys, thresholds_by_search, thresholds_from_top
 from jaxserve.sampling.penalties import PenaltyState, apply_penalties, record_tokens
 
 # How many of each row's largest logits `lax.top_k` fetches when some row filters with top-k / top-p.
@@ -58,20 +58,29 @@ def row_keys(seed: jax.Array, step: jax.Array) -> jax.Array:
 def _mask_and_bias(
     logits: jax.Array, batch: SamplingBatch, mask_table: jax.Array, end_token_ids: jax.Array
 ) -> tuple[jax.Array, jax.Array]:
-    vocab = logits.shape[1]
-    allowed = unpack_mask_bits(mask_table[batch.mask_row], vocab)
-    num_allowed = jnp.sum(allowed, axis=1, dtype=jnp.int32)
+    rows, vocab = logits.shape
     is_end = jnp.zeros(vocab, jnp.bool_).at[jnp.where(end_token_ids < 0, vocab, end_token_ids)].set(
         True, mode="drop"
     )
-    # The grammar outranks min_tokens: if the mask allows only end tokens, suppressing them would leave
-    # nothing to sample, so the row keeps them.
-    has_other = jnp.any(allowed & ~is_end[None, :], axis=1)
-    suppress = (batch.suppress_end & has_other)[:, None] & is_end[None, :]
-    x = jnp.where(allowed & ~suppress, logits.astype(jnp.float32), -jnp.inf)
+
+    def masked(allowed: jax.Array) -> tuple[jax.Array, jax.Array]:
+        # allowed: [B, V], or [1, V] when every row uses the same mask row.
+        num_allowed = jnp.broadcast_to(jnp.sum(allowed, axis=1, dtype=jnp.int32), (rows,))
+        # The grammar outranks min_tokens: if the mask allows only end tokens, suppressing them would leave
+        # nothing to sample, so the row keeps them.
+        has_other = jnp.any(allowed & ~is_end[None, :], axis=1)
+        suppress = (batch.suppress_end & has_other)[:, None] & is_end[None, :]
+        return jnp.where(allowed & ~suppress, logits.astype(jnp.float32), -jnp.inf), num_allowed
+
+    # Unconstrained batches (all rows on mask row 0) unpack one row instead of B (same program).
+    x, num_allowed = jax.lax.cond(
+        jnp.any(batch.mask_row != 0),
+        lambda: masked(unpack_mask_bits(mask_table[batch.mask_row], vocab)),
+        lambda: masked(unpack_mask_bits(mask_table[:1], vocab)),
+    )
     bias_idx = jnp.where(batch.bias_ids < 0, vocab, batch.bias_ids)
-    rows = jnp.arange(logits.shape[0])[:, None]
-    x = x.at[rows, bias_idx].add(batch.bias_vals, mode="drop")
+    row_idx = jnp.arange(rows)[:, None]
+    x = x.at[row_idx, bias_idx].add(batch.bias_vals, mode="drop")
     return x, num_allowed
 
 
@@ -122,6 +131,8 @@ def sample(
     if num_top_logprobs < 0 or num_top_logprobs > vocab:
         raise ValueError(f"num_top_logprobs must be in [0, {vocab}], got {num_top_logprobs}")
     cap = min(max(top_k_cap, num_top_logprobs, 1), vocab)
+    if top_k_cap < 1:
+        raise ValueError(f"top_k_cap must be positive, got {top_k_cap}")
 
     x, num_allowed = _mask_and_bias(logits, batch, mask_table, end_token_ids)
     processed = apply_penalties(
@@ -135,8 +146,10 @@ def sample(
     k_on = (batch.top_k > 0) & (batch.top_k < vocab)
     needs_cut = ~greedy & (k_on | (batch.top_p < 1.0))
 
+    num_top = max(num_top_logprobs, 1)  # the first top id doubles as the greedy token
+
     def without_cut(_):
-        vals, ids = _top_k(processed, num_top_logprobs)
+        vals, ids = _top_k(processed, num_top)
         return jnp.full(rows, jnp.iinfo(jnp.int32).min, jnp.int32), vals, ids
 
     def with_cut(_):
@@ -146,13 +159,16 @@ def sample(
         lse_full = jax.nn.logsumexp(scaled, axis=1)
         thr, resolved = thresholds_from_top(top_scaled, batch.top_k, batch.top_p, lse_full, vocab)
         unresolved = needs_cut & ~resolved
+        hint = top_scaled[:, -1]
         thr = jax.lax.cond(
             jnp.any(unresolved),
-            lambda t: jnp.where(unresolved, thresholds_by_bisection(scaled, batch.top_k, batch.top_p, vocab), t),
+            lambda t: jnp.where(
+                unresolved, thresholds_by_search(scaled, batch.top_k, batch.top_p, hint, unresolved, cap), t
+            ),
             lambda t: t,
             thr,
         )
-        return jnp.where(needs_cut, thr, jnp.iinfo(jnp.int32).min), vals[:, :num_top_logprobs], ids[:, :num_top_logprobs]
+        return jnp.where(needs_cut, thr, jnp.iinfo(jnp.int32).min), vals[:, :num_top], ids[:, :num_top]
 
     threshold, top_vals, top_ids = jax.lax.cond(jnp.any(needs_cut), with_cut, without_cut, None)
 
@@ -165,14 +181,15 @@ def sample(
 
     # An all-greedy batch skips the draw's [B, V] passes (same program, no recompile).
     drawn = jax.lax.cond(jnp.all(greedy), lambda _: jnp.zeros(rows, jnp.int32), draw, None)
-    tokens = jnp.where(greedy, jnp.argmax(processed, axis=1).astype(jnp.int32), drawn)
+    # lax.top_k puts the lowest index first among equal values, so top_ids[:, 0] is jnp.argmax, for free.
+    tokens = jnp.where(greedy, top_ids[:, 0].astype(jnp.int32), drawn)
     chosen = jnp.take_along_axis(processed, tokens[:, None], axis=1)[:, 0]
 
     return SampleOutput(
         tokens=tokens,
         logprob=chosen - log_normalizer,
-        top_ids=top_ids.astype(jnp.int32),
-        top_logprobs=top_vals - log_normalizer[:, None],
+        top_ids=top_ids[:, :num_top_logprobs].astype(jnp.int32),
+        top_logprobs=top_vals[:, :num_top_logprobs] - log_normalizer[:, None],
         num_allowed=num_allowed,
         penalty=record_tokens(penalty, batch.slot, tokens),
     )
