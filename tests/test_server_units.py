@@ -253,3 +253,38 @@ def test_streaming_parser_holds_llama3_until_the_end_and_releases_plain_text():
 def test_api_error_envelope_shape():
     body = APIError(404, "nope", code="model_not_found", param="model").body()
     assert body == {"error": {"message": "nope", "type": "invalid_request_error", "param": "model", "code": "model_not_found"}}
+
+
+# ------------------------------------------------------------------------------------ admission / models
+
+class _StatsOnlyEngine:
+    """Just enough of AsyncEngine for ServerState's admission and naming rules."""
+
+    model_name = "served"
+
+    def __init__(self, waiting: int) -> None:
+        self.waiting = waiting
+
+    def stats(self):
+        from types import SimpleNamespace
+
+        return SimpleNamespace(num_waiting=self.waiting)
+
+
+def test_admission_503_when_queue_full_and_while_starting():
+    from jaxserve.config import EngineConfig, ServerConfig
+    from jaxserve.server.state import ServerState
+
+    state = ServerState(ServerConfig(engine=EngineConfig(max_queued_requests=3)))
+    err = api_error(state.admit)
+    assert err.status_code == 503 and "starting" in err.message and err.headers == {"Retry-After": "1"}
+    state.engine = _StatsOnlyEngine(waiting=2)
+    state.admit()
+    state.engine.waiting = 3
+    err = api_error(state.admit)
+    assert err.status_code == 503 and "3 requests are already waiting" in err.message
+    assert state.resolve_model(None) == "served" and state.resolve_model("served") == "served"
+    assert api_error(state.resolve_model, "other").status_code == 404
+    state.startup_error = "boom"
+    state.engine = None
+    assert "failed to start: boom" in api_error(state.require_engine).message
