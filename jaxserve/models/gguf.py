@@ -426,6 +426,7 @@ def convert_gguf(gguf_path: str | os.PathLike[str]) -> Path:
     gf = read_gguf(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    os.chmod(staging, 0o755)  # mkdtemp makes it owner-only; the cache may be shared
     try:
         write_hf_directory(gf, staging)
         try:
