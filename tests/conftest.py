@@ -1,10 +1,20 @@
 """Shared fixtures: the SmolLM2 tokenizer directory and tiny random models (one per family, per session)."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Callable
 
 import pytest
+
+
+def pytest_configure(config):
+    # Before JAX compiles anything in this process: the persistent compilation cache is set up once, at
+    # the first compilation, so setting it later (as the engine does for the server) would be too late.
+    from jaxserve.config import cache_dir
+
+    os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(cache_dir() / "xla"))
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 
 
 @pytest.fixture(scope="session")
@@ -37,3 +47,19 @@ def tiny_model_dir(tmp_path_factory, smollm2_tokenizer_dir) -> Callable[[str], P
         return made[family]
 
     return get
+
+
+# One engine shape for every tiny-model engine in the suite: identical programs, so the persistent XLA
+# cache (under the jaxserve cache directory) compiles them once per machine, not once per test module.
+TINY_ENGINE = dict(max_running_requests=8, max_num_batched_tokens=64, max_model_len=512, page_size=16, num_pages=64)
+
+
+@pytest.fixture(scope="session")
+def tiny_engine_config(tiny_model_dir):
+    """tiny_engine_config(family="llama", **overrides) -> EngineConfig of the suite's standard tiny engine."""
+    from jaxserve.config import EngineConfig
+
+    def make(family: str = "llama", **overrides):
+        return EngineConfig(model=str(tiny_model_dir(family)), **{**TINY_ENGINE, **overrides})
+
+    return make

@@ -117,6 +117,7 @@ class LLMEngine:
         self.num_prompt_tokens_total = 0
         self.num_generated_tokens_total = 0
         self.num_preemptions_total = 0
+        self.num_prefill_tokens_computed = 0  # prompt tokens actually run through the model
         self.warmup_seconds: float | None = None
         self._constraint_compiler = None
         self._vocab_info = None
@@ -179,7 +180,7 @@ class LLMEngine:
             seed = params.seed + i if params.seed is not None else self._rng.getrandbits(63)
             seq = Sequence(
                 seq_id=next(self._seq_ids), request_id=request_id, index=i, prompt_ids=list(prompt_ids),
-                params=params, seed=seed, max_tokens=max_tokens,
+                params=params, seed=seed, max_tokens=max_tokens, leader=seqs[0] if seqs else None,
             )
             seq.detokenizer = self.tokenizer.detokenizer(skip_special_tokens=params.skip_special_tokens)
             if grammar is not None:
@@ -246,6 +247,8 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         sched = self.scheduler.schedule()
         self.num_preemptions_total += len(sched.preempted)
+        if sched.copies or sched.slot_forks:
+            self.runner.apply_forks([(a, b) for a, b, _ in sched.copies], [(a, b) for a, b, _ in sched.slot_forks])
         advanced: list[Sequence] = []
         if sched.decode:
             rows = [self._sampling_row(s, True) for s in sched.decode]
@@ -255,6 +258,7 @@ class LLMEngine:
                 self._append(s, res, i)
                 advanced.append(s)
         if sched.prefill:
+            self.num_prefill_tokens_computed += sum(c.length for c in sched.prefill)
             rows = [self._sampling_row(c.seq, c.is_last and not c.seq.output_ids) for c in sched.prefill]
             res = self.runner.run_prefill(sched.prefill, rows)
             for i, c in enumerate(sched.prefill):

@@ -74,9 +74,8 @@ class Sequence:
     grammar_state: int = 0  # current DFA state (relative to the grammar)
     num_preemptions: int = 0
     first_token_time: float | None = None
-    # n > 1: siblings share the prompt's pages; only the leader computes the prompt.
+    # n > 1: the first choice (leader) computes the prompt; the others share its pages.
     leader: "Sequence | None" = None
-    followers: list["Sequence"] = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:

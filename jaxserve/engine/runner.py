@@ -44,6 +44,7 @@ def _pow2_upto(limit: int, start: int = 1) -> list[int]:
 @dataclass(frozen=True)
 class Buckets:
     decode_rows: tuple[int, ...]
+    sample_rows: tuple[int, ...]  # the sampler compiles per row count only: a few coarse buckets
     page_widths: tuple[int, ...]  # pages per row
     prefill_shapes: tuple[tuple[int, int], ...]  # (rows, tokens per row)
 
@@ -57,7 +58,9 @@ class Buckets:
             while rows * t <= max(prefill_budget, t) and rows <= max_running:
                 shapes.append((rows, t))
                 rows *= 4
-        return cls(tuple(_pow2_upto(max_running)), tuple(widths), tuple(shapes))
+        max_rows = max(max_running, max(r for r, _ in shapes))
+        sample_rows = sorted({min(r, max_rows) for r in (8, 64, 256)} | {max_rows})
+        return cls(tuple(_pow2_upto(max_running)), tuple(sample_rows), tuple(widths), tuple(shapes))
 
     def decode_shape(self, rows: int, pages: int) -> tuple[int, int]:
         return _first_at_least(self.decode_rows, rows), _first_at_least(self.page_widths, pages)
@@ -100,8 +103,11 @@ class StepInputs:
     chunk_len: jax.Array  # [B]
 
 
-def _step(forward, params, cache, penalty: PenaltyState, mask_table, end_ids, inp: StepInputs):
+def _forward_step(forward, sample_rows: int, params, cache, penalty: PenaltyState, inp: StepInputs):
+    """Model forward over the batch plus the penalty bookkeeping of prefill chunks -> logits padded to
+    the sampler's row bucket [sample_rows, V]."""
     logits, cache = forward(params, inp.tokens, inp.positions, cache, inp.meta, inp.logits_index)
+    logits = jnp.pad(logits, ((0, sample_rows - logits.shape[0]), (0, 0)))
     penalty = reset_slots(penalty, inp.reset_slot)
     penalty = add_prompt_tokens(penalty, inp.chunk_slot, inp.tokens, inp.chunk_prompt_len)
     # Earlier outputs recomputed after a preemption count as generated tokens again.
@@ -112,8 +118,24 @@ def _step(forward, params, cache, penalty: PenaltyState, mask_table, end_ids, in
         output_counts=penalty.output_counts.at[rows, inp.tokens].add(1, mode="drop"),
         prompt_mask=penalty.prompt_mask,
     )
-    out = sample(logits, inp.sampling, penalty, mask_table, end_ids, num_top_logprobs=NUM_TOP_LOGPROBS)
-    return out, cache
+    return logits, cache, penalty
+
+
+def _sample_step(logits, sampling: SamplingBatch, penalty: PenaltyState, mask_table, end_ids) -> SampleOutput:
+    return sample(logits, sampling, penalty, mask_table, end_ids, num_top_logprobs=NUM_TOP_LOGPROBS)
+
+
+def _copy_pages(cache: PagedKVCache, src: jax.Array, dst: jax.Array) -> PagedKVCache:
+    return PagedKVCache(cache.k.at[:, :, dst].set(cache.k[:, :, src]), cache.v.at[:, :, dst].set(cache.v[:, :, src]))
+
+
+def _fork_slots(penalty: PenaltyState, src: jax.Array, dst: jax.Array) -> PenaltyState:
+    """Give slot dst the prompt tokens of slot src and no generated tokens (n > 1 followers)."""
+    idx = jnp.where(dst < 0, penalty.num_slots, dst)
+    return PenaltyState(
+        output_counts=penalty.output_counts.at[idx].set(0, mode="drop"),
+        prompt_mask=penalty.prompt_mask.at[idx].set(penalty.prompt_mask[jnp.maximum(src, 0)], mode="drop"),
+    )
 
 
 @dataclass
@@ -152,7 +174,13 @@ class ModelRunner:
         )
         cache_ops = PagedCacheOps(attend, model_config.head_dim**-0.5, model_config.sliding_window)
         forward = make_forward(model_config, dtype, cache_ops)
-        self._step = jax.jit(partial(_step, forward), donate_argnums=(1, 2))
+        # Two programs per step: the forward is compiled per (rows, tokens, pages) bucket, the sampler only
+        # per row count, so compile time grows with the bucket grid far more slowly. Both are dispatched
+        # asynchronously; the logits never leave the device.
+        self._forward = jax.jit(partial(_forward_step, forward), static_argnums=(0,), donate_argnums=(2, 3))
+        self._sample = jax.jit(_sample_step, donate_argnums=(2,))
+        self._copy_pages = jax.jit(_copy_pages, donate_argnums=(0,))
+        self._fork_slots = jax.jit(_fork_slots, donate_argnums=(0,))
         self.params = jax.device_put(params)
         kv_dtype = jnp.float32 if dtype == "float32" else jnp.bfloat16
         self.cache = init_paged_cache(model_config, num_pages, self.page_size, kv_dtype)
@@ -168,13 +196,32 @@ class ModelRunner:
 
     # -- compilation ---------------------------------------------------------------------------
     def num_compiled(self) -> int:
-        return self._step._cache_size()
+        return sum(f._cache_size() for f in (self._forward, self._sample, self._copy_pages, self._fork_slots))
+
+    def apply_forks(self, copies: list[tuple[int, int]], slot_forks: list[tuple[int, int]]) -> None:
+        """Copy KV pages and fork penalty slots on the device (fixed width: padded no-ops)."""
+        width = self.ecfg.max_running_requests
+        for start in range(0, max(len(copies), 1), width):
+            part = copies[start:start + width]
+            src = np.zeros(width, np.int32)
+            dst = np.zeros(width, np.int32)  # padding copies the null page onto itself
+            for i, (a, b) in enumerate(part):
+                src[i], dst[i] = a, b
+            self.cache = self._copy_pages(self.cache, src, dst)
+        for start in range(0, max(len(slot_forks), 1), width):
+            part = slot_forks[start:start + width]
+            src = np.zeros(width, np.int32)
+            dst = np.full(width, -1, np.int32)
+            for i, (a, b) in enumerate(part):
+                src[i], dst[i] = a, b
+            self.penalty = self._fork_slots(self.penalty, src, dst)
 
     def warmup(self, progress=None) -> float:
         """Compile every bucket by running it once on an all-padding batch; returns seconds taken."""
         t0 = time.perf_counter()
         shapes = [(r, 1, p) for r in self.buckets.decode_rows for p in self.buckets.page_widths]
         shapes += [(r, t, self.max_pages_per_row) for r, t in self.buckets.prefill_shapes]
+        self.apply_forks([], [])
         for i, (rows, tokens, pages) in enumerate(shapes):
             inp = self._empty_inputs(rows, tokens, pages)
             out, self.cache = self._run(inp)
@@ -184,7 +231,14 @@ class ModelRunner:
         return time.perf_counter() - t0
 
     def _run(self, inp: StepInputs) -> tuple[SampleOutput, PagedKVCache]:
-        out, cache = self._step(self.params, self.cache, self.penalty, self._mask_table_fn(), self.end_ids, inp)
+        rows = inp.tokens.shape[0]
+        sample_rows = _first_at_least(self.buckets.sample_rows, rows)
+        logits, cache, penalty = self._forward(sample_rows, self.params, self.cache, self.penalty, inp)
+        inp_sampling = inp.sampling
+        if sample_rows != rows:
+            inp_sampling = build_sampling_batch([], sample_rows)  # inert rows, then the real ones on top
+            inp_sampling = jax.tree.map(lambda pad, real: np.concatenate([real, pad[rows:]]), inp_sampling, inp.sampling)
+        out = self._sample(logits, inp_sampling, penalty, self._mask_table_fn(), self.end_ids)
         self.penalty = out.penalty
         return out, cache
 

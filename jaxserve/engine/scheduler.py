@@ -30,6 +30,10 @@ class ScheduledStep:
     decode: list[Sequence] = field(default_factory=list)
     prefill: list[PrefillChunk] = field(default_factory=list)
     preempted: list[Sequence] = field(default_factory=list)
+    # n > 1 prompt sharing, applied on the device before the step: (src page, dst page, seq) copies and
+    # (src slot, dst slot, seq) penalty-state forks.
+    copies: list[tuple[int, int, Sequence]] = field(default_factory=list)
+    slot_forks: list[tuple[int, int, Sequence]] = field(default_factory=list)
 
     @property
     def empty(self) -> bool:
@@ -129,19 +133,25 @@ class Scheduler:
                 continue
             out.prefill.append(chunk)
             budget -= chunk.length
-        while (
-            self.waiting
-            and budget > 0
-            and len(out.prefill) < self.limits.max_prefill_rows
-            and len(self.running) < self.limits.max_running
-        ):
-            seq = self.waiting[0]
+        for seq in list(self.waiting):
+            if budget <= 0 or len(out.prefill) >= self.limits.max_prefill_rows or len(self.running) >= self.limits.max_running:
+                break
+            leader = seq.leader
+            if leader is not None and not seq.output_ids and leader.status is not SeqStatus.FINISHED:
+                if leader.status is SeqStatus.WAITING or leader.in_prefill:
+                    continue  # wait for the leader to compute the shared prompt
+            slot = self._free_slots.pop()
+            seq.slot = slot
+            if leader is not None and leader.status is SeqStatus.RUNNING and not seq.output_ids:
+                self._fork_prompt(seq, leader, out)
             chunk = self._chunk(seq, budget, self._cap(out))
             if chunk is None:
+                self._release(seq)
+                out.copies = [c for c in out.copies if c[2] is not seq]
+                out.slot_forks = [f for f in out.slot_forks if f[2] is not seq]
                 break  # FCFS: do not let later requests overtake the head of the queue
-            self.waiting.popleft()
+            self.waiting.remove(seq)
             seq.status = SeqStatus.RUNNING
-            seq.slot = self._free_slots.pop()
             self.running.append(seq)
             out.prefill.append(chunk)
             budget -= chunk.length
@@ -154,7 +164,30 @@ class Scheduler:
     @staticmethod
     def _merge(first: ScheduledStep, second: ScheduledStep) -> ScheduledStep:
         second.preempted = first.preempted + second.preempted
+        second.copies = first.copies + second.copies
+        second.slot_forks = first.slot_forks + second.slot_forks
         return second
+
+    def _fork_prompt(self, seq: Sequence, leader: Sequence, out: ScheduledStep) -> None:
+        """n > 1: take the leader's prompt KV instead of recomputing it. Full pages are shared (reference
+        counted, never written again: they hold only prompt positions); the partial page is copied on the
+        device. The last prompt token is recomputed as a 1-token chunk so the follower samples its own
+        first token from the same logits."""
+        shared = len(seq.prompt_ids) - 1
+        if shared <= 0:
+            return
+        ps = self.limits.page_size
+        full, partial = divmod(shared, ps)
+        if partial and self.allocator.num_free < 1:
+            return
+        seq.pages = list(leader.pages[:full])
+        self.allocator.share(seq.pages)
+        if partial:
+            (page,) = self.allocator.allocate(1)
+            out.copies.append((leader.pages[full], page, seq))
+            seq.pages.append(page)
+        seq.num_computed = shared
+        out.slot_forks.append((leader.slot, seq.slot, seq))
 
     def _cap(self, out: ScheduledStep) -> int:
         """Longest chunk one more prefill row may have so that the rows still fit a compiled shape."""
