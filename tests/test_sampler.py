@@ -94,11 +94,16 @@ FILTER_CASES = [
 ]
 
 
-@pytest.mark.parametrize("case", FILTER_CASES, ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()))
-def test_empirical_frequencies_match_filtered_softmax(case):
+def tied_logits() -> np.ndarray:
+    """Runs of equal values: 3 at 3.0, 20 at 1.0, the rest spread below."""
+    logits = np.linspace(-4.0, -1.0, V).astype(np.float32)
+    logits[10:13] = 3.0
+    logits[20:40] = 1.0
+    return logits
+
+
+def assert_frequencies_match(logits: np.ndarray, params: SamplingParams) -> None:
     n = ROWS
-    logits = fixed_logits(1)
-    params = SamplingParams(**case)
     expected = ref_filtered_probs(logits, params.temperature, params.top_k, params.top_p, params.min_p)
     out = run(logits, rows_for(params, n))
     counts = np.bincount(np.asarray(out.tokens), minlength=V)
@@ -112,12 +117,15 @@ def test_empirical_frequencies_match_filtered_softmax(case):
     assert tv < 0.05
 
 
-def tied_logits() -> np.ndarray:
-    """Runs of equal values: 3 at 3.0, 20 at 1.0, the rest spread below."""
-    logits = np.linspace(-4.0, -1.0, V).astype(np.float32)
-    logits[10:13] = 3.0
-    logits[20:40] = 1.0
-    return logits
+@pytest.mark.parametrize("case", FILTER_CASES, ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()))
+def test_empirical_frequencies_match_filtered_softmax(case):
+    assert_frequencies_match(fixed_logits(1), SamplingParams(**case))
+
+
+@pytest.mark.parametrize("case", [dict(top_k=15), dict(top_p=0.6)], ids=["top_k", "top_p"])
+def test_a_cut_inside_tied_values_keeps_the_whole_run(case):
+    # top_k=15 and top_p=0.6 both cut inside the run of 20 equal logits: all 20 stay, with equal odds.
+    assert_frequencies_match(tied_logits(), SamplingParams(**case))
 
 
 @pytest.mark.parametrize("logits", [fixed_logits(2), tied_logits()], ids=["distinct", "ties"])
