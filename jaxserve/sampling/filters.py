@@ -36,7 +36,7 @@ def thresholds_from_top(
 
     top_vals f32 [B, C]; top_k i32 [B] (<= 0 or >= V: off); top_p f32 [B] (>= 1: off);
     lse_full f32 [B]: logsumexp of the whole scaled row (the top-p normaliser when top-k is off).
-    Returns (threshold key i32 [B], resolved bool [B]); unresolved rows need `thresholds_by_bisection`."""
+    Returns (threshold key i32 [B], resolved bool [B]); unresolved rows need `thresholds_by_search`."""
     cap = top_vals.shape[1]
     k_on = (top_k > 0) & (top_k < vocab_size)
     k_in_cap = k_on & (top_k <= cap)
@@ -142,8 +142,7 @@ def thresholds_by_search(
         return _cut_by_search(scaled, allowed.astype(jnp.float32), top_k.astype(jnp.float32), hint, k_needed, cap)
 
     thr_k = jax.lax.cond(jnp.any(k_needed), top_k_keys, lambda _: jnp.full_like(top_k, KEEP_ALL), None)
-    # Rows whose top-k fit in the cap were resolved already; only their top-k cut matters here when
-    # top-k > cap, so rows with a small top-k (in cap) never reach this function with top_p unresolved.
+    # A top-k within the cap always resolves its row, so a row here has top-k off or larger than the cap.
     in_k = allowed & (order_keys(scaled) >= thr_k[:, None])
     restricted = jnp.where(in_k, scaled, -jnp.inf)
     lse_k = jax.nn.logsumexp(restricted, axis=1, keepdims=True)
