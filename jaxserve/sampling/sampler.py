@@ -2,16 +2,16 @@
 
 Processing order for row b (all rows in one program, parameters per row):
   grammar mask -> end-token suppression -> logit_bias -> penalties      = the "processed" logits
-  logprobs = log_softmax(processed)  (before temperature and filtering, so they describe the model as
-                                      steered by mask/bias/penalties, not the sampling temperature;
-                                      the same choice as vLLM's default "raw" logprobs after processors)
+  logprobs = log_softmax(processed)  (before temperature and filtering: they describe the model as
+                                      steered by mask/bias/penalties, are the same for a greedy and a
+                                      sampled request, and stay finite for tokens top-k/top-p removed)
   greedy rows: token = argmax(processed)
   others: / temperature -> top-k -> top-p -> min-p -> one draw from the kept, renormalised softmax.
 
-Randomness: row b at step s uses fold_in(key(seed_b), s) only, so a seeded request produces the same tokens
-whatever else is in the batch and wherever its row is. The draw is an inverse-CDF lookup with one uniform per
-row (two-level: block sums, then within the block), because drawing V Gumbel variates per row costs ~5x the
-rest of the sampler on XLA:CPU.
+Randomness: row b at step s uses fold_in(key(seed_b), s) only (see `row_uniforms`), so a seeded request
+produces the same tokens whatever else is in the batch and wherever its row is. The draw is an inverse-CDF
+lookup with one uniform per row (two-level: block sums, then within the block), because drawing V Gumbel
+variates per row costs ~5x the rest of the sampler on XLA:CPU.
 """
 from __future__ import annotations
 
@@ -53,6 +53,17 @@ def row_keys(seed: jax.Array, step: jax.Array) -> jax.Array:
     """Typed PRNG keys [B]: fold_in(key(seed_b), step_b) with seed given as threefry key data u32 [B, 2]."""
     base = jax.random.wrap_key_data(seed, impl="threefry2x32")
     return jax.vmap(jax.random.fold_in)(base, step)
+
+
+def row_uniforms(seed: jax.Array, step: jax.Array) -> jax.Array:
+    """One uniform in (0, 1] per row from fold_in(key(seed_b), step_b).
+
+    The folded key's last 32-bit word is itself threefry output, so it serves as the random bits directly
+    (23 mantissa bits, the way jax.random.uniform builds floats) instead of hashing once more: one threefry
+    per row instead of two, which shortens the sampler's compile by about a second on this CPU."""
+    bits = jax.random.key_data(row_keys(seed, step))[:, 1]
+    unit = jax.lax.bitcast_convert_type((bits >> 9) | jnp.uint32(0x3F800000), jnp.float32) - 1.0  # [0, 1)
+    return 1.0 - unit
 
 
 def _mask_and_bias(
@@ -101,7 +112,7 @@ def _draw(weights: jax.Array, uniform: jax.Array) -> jax.Array:
     offset = jnp.sum(in_cum < (target - before)[:, None], axis=1)
     # Rounding can leave the in-block sum a hair below the block total: never step past the last
     # positive-weight entry of the block.
-    last_positive = _CDF_BLOCK - 1 - jnp.argmax((in_block > 0)[:, ::-1], axis=1)
+    last_positive = jnp.max(jnp.where(in_block > 0, jnp.arange(_CDF_BLOCK), 0), axis=1)
     return (block * _CDF_BLOCK + jnp.minimum(offset, last_positive)).astype(jnp.int32)
 
 
@@ -176,8 +187,7 @@ def sample(
         row_max = jnp.max(scaled, axis=1, keepdims=True)
         keep = (order_keys(scaled) >= threshold[:, None]) & (scaled - row_max >= jnp.log(batch.min_p)[:, None])
         weights = jnp.where(keep, jnp.exp(scaled - row_max), 0.0)
-        uniform = 1.0 - jax.vmap(jax.random.uniform)(row_keys(batch.seed, batch.step))  # in (0, 1]
-        return _draw(weights, uniform)
+        return _draw(weights, row_uniforms(batch.seed, batch.step))
 
     # An all-greedy batch skips the draw's [B, V] passes (same program, no recompile).
     drawn = jax.lax.cond(jnp.all(greedy), lambda _: jnp.zeros(rows, jnp.int32), draw, None)
