@@ -74,9 +74,10 @@ class TokenTable:
 
 
 def distance_to_accept(table: TokenTable) -> np.ndarray:
-    """int64 [S]: fewest tokens from each state to an accepting state (large where unreachable)."""
-    src = np.repeat(np.arange(table.num_states), np.diff(table.indptr))
-    edges = np.unique(np.stack([src, table.next_states.astype(np.int64)], axis=1), axis=0)
+    """int64 [S]: fewest bytes from each state to an accepting state (over the byte-level DFA, which is small;
+    any token that lowers it moves toward the end)."""
+    src, byte = np.nonzero(table.transitions >= 0)
+    edges = np.unique(np.stack([src, table.transitions[src, byte]], axis=1), axis=0)
     big = np.iinfo(np.int64).max // 4
     dist = np.where(table.accepting, 0, big).astype(np.int64)
     while True:
