@@ -20,8 +20,9 @@ from jaxserve.sampling.penalties import (
 from jaxserve.sampling.sampler import sample
 
 V = 64
-# Every call uses the same shapes (rows, slots, mask-table rows, end ids), so the whole file compiles the
-# sampler twice (default cap, and the small cap that forces the bisection path): compiles dominate its time.
+# Nearly every call uses the same shapes (rows, slots, mask-table rows, end ids), so the file compiles the
+# sampler three times (default cap, the small cap that forces the search path, and an 8-row bucket):
+# compiles dominate its time.
 ROWS = 4096
 SLOTS = 16
 MASK_ROWS = 4
@@ -124,7 +125,8 @@ def test_empirical_frequencies_match_filtered_softmax(case):
 
 @pytest.mark.parametrize("case", [dict(top_k=15), dict(top_p=0.6)], ids=["top_k", "top_p"])
 def test_a_cut_inside_tied_values_keeps_the_whole_run(case):
-    # top_k=15 and top_p=0.6 both cut inside the run of 20 equal logits: all 20 stay, with equal odds.
+    # top_k=15 and top_p=0.6 both cut inside the run of 20 equal logits: the whole run stays (23 tokens
+    # with the 3 above it), the 20 with equal odds.
     assert_frequencies_match(tied_logits(), SamplingParams(**case))
 
 
