@@ -425,6 +425,17 @@ def test_client_disconnect_aborts_and_metrics_report(http):
     assert 'jaxserve_requests_total{endpoint="/v1/chat/completions",status="200"}' in text
 
 
+def test_non_streaming_client_that_gives_up_aborts_its_request(server, http):
+    body = {"model": MODEL, "messages": USER, "max_tokens": 200, "ignore_eos": True}
+    with httpx.Client(base_url=server, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=0.5) as impatient:
+        with pytest.raises(httpx.ReadTimeout):
+            impatient.post("/v1/chat/completions", json=body)
+    deadline = time.monotonic() + 5  # 200 tokens take far longer on CPU than the abort does
+    while _metric(http.get("/metrics").text, "jaxserve_num_requests_running") != 0:
+        assert time.monotonic() < deadline, "the abandoned request kept running"
+        time.sleep(0.1)
+
+
 # ---------------------------------------------------------------------------------------------------- fuzz
 
 _INVALID_FIELDS: dict[str, list] = {
