@@ -70,6 +70,7 @@ def test_chat_defaults_are_openai_defaults():
         ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
         ({"stop": ["x" * 5000]}, "stop"),
         ({"presence_penalty": 3}, "presence_penalty"),
+        ({"stream_options": {"include_usage": True}}, "stream_options"),
     ],
 )
 def test_bad_sampling_values_are_400_naming_the_field(fields, param):

@@ -127,6 +127,8 @@ def tool_call_constraint(
 
 
 def _common(req: ChatCompletionRequest | CompletionRequest) -> dict:
+    if req.stream_options is not None and not req.stream:
+        raise bad_request("stream_options is only allowed when stream is true", param="stream_options")
     return dict(
         n=req.n,
         min_tokens=req.min_tokens,
