@@ -31,6 +31,7 @@ from jaxserve.engine.request import (
 )
 from jaxserve.engine.runner import ModelRunner, StepResult
 from jaxserve.engine.scheduler import PrefillChunk, Scheduler, SchedulerLimits
+from jaxserve.constrained.grammar import Grammar, make_grammar
 from jaxserve.engine import stops
 from jaxserve.models.loader import load_params, resolve_model
 from jaxserve.sampling.batch import SamplingRow
@@ -120,6 +121,7 @@ class LLMEngine:
         self.num_prefill_tokens_computed = 0  # prompt tokens actually run through the model
         self.warmup_seconds: float | None = None
         self._constraint_compiler = None
+        self._grammars: dict[tuple, Grammar] = {}  # compiled constraints with their closing rows
         self._vocab_info = None
         self._vocab_lock = threading.Lock()
         log.info("model %s (%s, %s), %d KV pages of %d tokens, attention %s", files.path, cfg.family,
@@ -175,7 +177,18 @@ class LLMEngine:
         if request_id in self._requests:
             raise ValueError(f"duplicate request id {request_id!r}")
         max_tokens = self.validate(prompt_ids, params)
-        seqs = []
+        offset = 0
+        if grammar is not None:
+            self.check_budget(grammar, max_tokens)
+            from jaxserve.constrained.tables import GrammarPoolFullError
+
+            try:
+                offset = self.grammar_pool.add(grammar.pool_table)
+            except GrammarPoolFullError as e:
+                raise ValueError(f"{e}; too many large constraints are in flight, retry later") from e
+            for _ in range(params.n - 1):
+                self.grammar_pool.add(grammar.pool_table)  # one reference per choice, released at finish
+        seqs: list[Sequence] = []
         for i in range(params.n):
             seed = params.seed + i if params.seed is not None else self._rng.getrandbits(63)
             seq = Sequence(
@@ -185,7 +198,7 @@ class LLMEngine:
             seq.detokenizer = self.tokenizer.detokenizer(skip_special_tokens=params.skip_special_tokens)
             if grammar is not None:
                 seq.grammar = grammar
-                seq.grammar_offset = self.grammar_pool.add(grammar)
+                seq.grammar_offset = offset
                 seq.grammar_state = grammar.start_state
             seqs.append(seq)
         self._requests[request_id] = seqs
@@ -207,6 +220,14 @@ class LLMEngine:
     def has_work(self) -> bool:
         return self.scheduler.has_work()
 
+    @staticmethod
+    def check_budget(grammar: Grammar, max_tokens: int) -> None:
+        if max_tokens < grammar.min_tokens_needed():
+            raise ValueError(
+                f"max_tokens ({max_tokens}) is too small for the constraint: its shortest output takes "
+                f"{grammar.min_tokens_needed()} tokens including the end token"
+            )
+
     def compile_constraint(self, constraint):
         """Compile a Constraint into token tables (LRU-cached, thread-safe); ValueError when it cannot be."""
         with self._vocab_lock:
@@ -219,7 +240,15 @@ class LLMEngine:
                     self.tokenizer.token_bytes(), eos_token_ids=self.end_token_ids,
                     vocab_width=self.model_config.vocab_size,
                 )
-        return self._constraint_compiler.compile(constraint.kind, constraint.spec, self._vocab_info)
+        table = self._constraint_compiler.compile(constraint.kind, constraint.spec, self._vocab_info)
+        with self._vocab_lock:
+            grammar = self._grammars.get(table.key)
+            if grammar is None:
+                grammar = make_grammar(table)
+                self._grammars[table.key] = grammar
+                while len(self._grammars) > 256:
+                    self._grammars.pop(next(iter(self._grammars)))
+        return grammar
 
     def stats(self) -> EngineStats:
         return EngineStats(
@@ -238,10 +267,13 @@ class LLMEngine:
     def _sampling_row(self, seq: Sequence, emits: bool) -> SamplingRow:
         p = seq.params
         suppress = p.ignore_eos or len(seq.output_ids) < p.min_tokens
+        mask_row = 0
+        if seq.grammar is not None:
+            tokens_left = min(seq.max_tokens - len(seq.output_ids), self.max_model_len - seq.num_tokens)
+            mask_row = seq.grammar_offset + seq.grammar.mask_row(seq.grammar_state, tokens_left)
         return SamplingRow(
             params=p, seed=seq.seed, step=len(seq.output_ids), slot=seq.slot if emits else -1,
-            mask_row=(seq.grammar_offset + seq.grammar_state) if seq.grammar is not None else 0,
-            suppress_end=suppress,
+            mask_row=mask_row, suppress_end=suppress,
         )
 
     def step(self) -> list[RequestOutput]:
@@ -298,7 +330,7 @@ class LLMEngine:
         seq.stop_reason = stop_reason
         self.scheduler.remove(seq)
         if seq.grammar is not None:
-            self.grammar_pool.release(seq.grammar)
+            self.grammar_pool.release(seq.grammar.pool_table)
             seq.grammar = None
 
     def _collect(self, advanced: Iterable[Sequence]) -> list[RequestOutput]:
@@ -386,10 +418,11 @@ class AsyncEngine:
         if not self.ready:
             raise RuntimeError("the engine is not started")
         request_id = request_id or uuid.uuid4().hex
-        self.engine.validate(prompt_ids, params)
+        max_tokens = self.engine.validate(prompt_ids, params)
         grammar = None
         if params.constraint is not None:
             grammar = await asyncio.to_thread(self.engine.compile_constraint, params.constraint)
+            self.engine.check_budget(grammar, max_tokens)
         loop = asyncio.get_running_loop()
         q: asyncio.Queue = asyncio.Queue()
         if request_id in self._streams:
