@@ -188,11 +188,13 @@ def paged_attention_tpu(
     soft_cap: float | None = None,
     sliding_window: int | None = None,
     config: TpuKernelConfig = TpuKernelConfig(),
-    interpret: bool = False,
+    interpret: bool | pltpu.InterpretParams = False,
 ) -> jax.Array:
     """Paged attention (contract of docs/architecture.md) with the Mosaic TPU Pallas kernel.
 
-    `interpret=True` runs Pallas' TPU interpret mode (DMAs, semaphores and SMEM simulated on CPU).
+    `interpret=True` runs Pallas' TPU interpret mode (DMAs, semaphores and SMEM simulated on CPU;
+    DMAs land only when waited on, so a missing wait reads poisoned memory); pass
+    `pltpu.InterpretParams(...)` for its options (e.g. race detection over several cores).
     """
     validate_paged_attention_args(
         q, k_cache, v_cache, page_table, seq_lens, q_start, soft_cap=soft_cap, sliding_window=sliding_window
@@ -252,7 +254,8 @@ def paged_attention_tpu(
         compiler_params=pltpu.CompilerParams(
             dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")
         ),
-        interpret=pltpu.InterpretParams() if interpret else False,
+        interpret=interpret if isinstance(interpret, pltpu.InterpretParams) else (
+            pltpu.InterpretParams() if interpret else False),
         name=f"jaxserve_paged_attention_rows{rows}_pages{pages_per_block}",
     )(
         jnp.reshape(jnp.asarray(layer, jnp.int32), (1,)),
