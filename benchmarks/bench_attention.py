@@ -219,9 +219,15 @@ def loop_overhead(args: tuple, *, inner: int, repeats: int) -> float:
     return seconds
 
 
-def run_decode_benchmarks(platform, shapes, *, interpret, inner, repeats, copy_gbps, gpu_config) -> list[dict]:
-    rows = []
+def run_decode_benchmarks(platform, shapes, *, interpret, inner, repeats, copy_gbps, gpu_config,
+                          deadline: float) -> tuple[list[dict], list[dict]]:
+    """Timed rows, and the shapes skipped because the time budget ran out (reported, not hidden)."""
+    rows, skipped = [], []
     for shape in shapes:
+        if time.monotonic() > deadline:
+            skipped.append(asdict(shape))
+            print(f"[decode] time budget spent: skipping batch={shape.batch} context={shape.context}", flush=True)
+            continue
         args = make_decode_problem(shape, jax.random.key(shape.batch * 100003 + shape.context))
         scale = shape.head_dim ** -0.5
         outputs = {}
@@ -245,7 +251,7 @@ def run_decode_benchmarks(platform, shapes, *, interpret, inner, repeats, copy_g
                         max_relative_error(np.asarray(outputs[entry["impl"]], np.float32), expected, valid), 5)
         rows.extend(shape_rows)
         del args, outputs
-    return rows
+    return rows, skipped
 
 
 def _timing_fields(raw: float, overhead: float, kv_bytes: int, copy_gbps: float) -> dict:
@@ -259,7 +265,8 @@ def _timing_fields(raw: float, overhead: float, kv_bytes: int, copy_gbps: float)
                 gbps=round(gbps, 1), frac_of_copy_bw=round(gbps / copy_gbps, 3))
 
 
-def sweep_gpu_configs(shape: DecodeShape, *, inner: int, repeats: int, copy_gbps: float) -> list[dict]:
+def sweep_gpu_configs(shape: DecodeShape, *, inner: int, repeats: int, copy_gbps: float,
+                      deadline: float) -> list[dict]:
     """A few kernel configurations at the goal shape, to show how sensitive the kernel is to them."""
     args = make_decode_problem(shape, jax.random.key(7))
     overhead = loop_overhead(args, inner=inner, repeats=repeats)
@@ -268,6 +275,10 @@ def sweep_gpu_configs(shape: DecodeShape, *, inner: int, repeats: int, copy_gbps
                                         (256, 8, 2, None), (128, 4, 2, 1), (128, 4, 2, 4)]:
         config = GpuKernelConfig(keys_per_block=keys, num_warps=warps, num_stages=stages, num_kv_splits=splits)
         entry = dict(keys_per_block=keys, num_warps=warps, num_stages=stages, num_kv_splits=splits)
+        if time.monotonic() > deadline:
+            entry["skipped"] = "time budget spent"
+            rows.append(entry)
+            continue
         try:
             raw, _ = time_decode(functools.partial(paged_attention_gpu, config=config), args,
                                  scale=shape.head_dim ** -0.5, inner=inner, repeats=repeats)
@@ -326,9 +337,12 @@ def main() -> int:
     parser.add_argument("--batches", default="8,64,256")
     parser.add_argument("--contexts", default="512,2048,8192")
     parser.add_argument("--inner", type=int, default=20, help="chained calls per timed jit")
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--no-sweep", action="store_true", help="skip the kernel-config sweep at the goal shape")
+    parser.add_argument("--time-budget-s", type=float, default=180.0,
+                        help="start no new decode shape (or the sweep) after this many seconds")
     args = parser.parse_args()
+    deadline = time.monotonic() + args.time_budget_s
 
     platform = jax.default_backend()
     small = args.small or platform == "cpu"
@@ -339,6 +353,7 @@ def main() -> int:
     checks = [] if args.skip_checks else run_checks(platform, small)
     copy_gbps = None
     decode_rows: list[dict] = []
+    skipped_shapes: list[dict] = []
     sweep_rows: list[dict] = []
     if not args.checks_only:
         copy_gbps = measure_copy_bandwidth((64 << 20) if small else (4 << 30), repeats=args.repeats)
@@ -349,13 +364,16 @@ def main() -> int:
         else:
             shapes = [DecodeShape(batch=int(b), context=int(c))
                       for b in args.batches.split(",") for c in args.contexts.split(",")]
+            # The goal shape first, so a tight time budget still measures it.
+            shapes.sort(key=lambda sh: (sh.batch, sh.context) != (GOAL_BATCH, GOAL_CONTEXT))
             inner, repeats = args.inner, args.repeats
         gpu_config = GpuKernelConfig()
-        decode_rows = run_decode_benchmarks(platform, shapes, interpret=interpret, inner=inner, repeats=repeats,
-                                            copy_gbps=copy_gbps, gpu_config=gpu_config)
-        if platform == "gpu" and not small and not args.no_sweep:
+        decode_rows, skipped_shapes = run_decode_benchmarks(
+            platform, shapes, interpret=interpret, inner=inner, repeats=repeats, copy_gbps=copy_gbps,
+            gpu_config=gpu_config, deadline=deadline)
+        if platform == "gpu" and not small and not args.no_sweep and time.monotonic() < deadline:
             sweep_rows = sweep_gpu_configs(DecodeShape(GOAL_BATCH, GOAL_CONTEXT), inner=inner, repeats=repeats,
-                                           copy_gbps=copy_gbps)
+                                           copy_gbps=copy_gbps, deadline=deadline + 60)
         print_table(checks, copy_gbps, decode_rows)
     else:
         passed = sum(c["passed"] for c in checks)
@@ -371,6 +389,7 @@ def main() -> int:
         checks=None if args.skip_checks else dict(passed=len(checks) - len(failed), failed=failed),
         copy_bandwidth_gbps=None if copy_gbps is None else round(copy_gbps, 1),
         decode=decode_rows,
+        skipped_shapes=skipped_shapes,
         sweep=sweep_rows,
         goal=goal_summary(decode_rows) if decode_rows else None,
     )))
