@@ -230,11 +230,20 @@ def test_chat_logprobs_openai_format(client):
     assert len(content) == r.usage.completion_tokens == 4
     for entry in content:
         assert entry.logprob <= 0 and len(entry.top_logprobs) == 3
-        assert entry.bytes == list(entry.token.encode())
         tops = [t.logprob for t in entry.top_logprobs]
         assert tops == sorted(tops, reverse=True)
         assert abs(entry.top_logprobs[0].logprob - entry.logprob) < 1e-4  # greedy picks the top token
     assert "".join(e.token for e in content) == r.choices[0].message.content
+    # Tokens that split a UTF-8 character: `token` shows U+FFFD, `bytes` are exact and concatenate back.
+    r = client.chat.completions.create(model=MODEL, messages=USER, temperature=0, max_tokens=40, logprobs=True,
+                                       extra_body={"regex": "h\u00e9llo \U0001F600 world"})
+    text = r.choices[0].message.content
+    assert text == "h\u00e9llo \U0001F600 world" and r.choices[0].finish_reason == "stop"
+    entries = r.choices[0].logprobs.content
+    if entries[-1].token.startswith("<|"):  # the end token is reported too (its text is not in the content)
+        entries = entries[:-1]
+    assert b"".join(bytes(e.bytes) for e in entries).decode("utf-8") == text
+    assert any("\ufffd" in e.token for e in entries)  # the emoji's bytes span tokens
 
 
 def test_stop_string_cuts_the_reply(client):

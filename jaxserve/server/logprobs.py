@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, Sequence
 
 if TYPE_CHECKING:
     from jaxserve.engine.engine import TokenLogprob
@@ -20,11 +20,20 @@ def _finite(logprob: float) -> float:
 
 
 class TokenTexts:
-    """Token id -> its text (special tokens included), cached per response."""
+    """Token id -> its text (special tokens included), cached per response, and its exact bytes.
 
-    def __init__(self, tokenizer: _Decoder) -> None:
+    A byte-level token may hold part of a UTF-8 character: its text then shows U+FFFD, while `bytes`
+    (from the tokenizer's token -> bytes table, when given) carries the real bytes, as OpenAI's do.
+    """
+
+    def __init__(self, tokenizer: _Decoder, token_bytes: Sequence[bytes | None] | None = None) -> None:
         self._tokenizer = tokenizer
+        self._token_bytes = token_bytes
         self._cache: dict[int, str] = {}
+
+    def bytes_of(self, token_id: int) -> list[int]:
+        exact = self._token_bytes[token_id] if self._token_bytes is not None and token_id < len(self._token_bytes) else None
+        return list(exact if exact is not None else self(token_id).encode("utf-8"))
 
     def __call__(self, token_id: int) -> str:
         text = self._cache.get(token_id)
@@ -42,9 +51,9 @@ def chat_logprobs(entries: list["TokenLogprob"], texts: TokenTexts) -> list[dict
             {
                 "token": token,
                 "logprob": _finite(entry.logprob),
-                "bytes": list(token.encode("utf-8")),
+                "bytes": texts.bytes_of(entry.token_id),
                 "top_logprobs": [
-                    {"token": texts(tid), "logprob": _finite(lp), "bytes": list(texts(tid).encode("utf-8"))}
+                    {"token": texts(tid), "logprob": _finite(lp), "bytes": texts.bytes_of(tid)}
                     for tid, lp in entry.top
                 ],
             }

@@ -218,8 +218,8 @@ class ChatService:
         check_context(len(prompt_ids), params.max_tokens, engine.max_model_len)
         self.state.admit()
         request_id = new_id("chatcmpl")
+        texts = TokenTexts(engine.tokenizer, await self.state.token_bytes() if req.logprobs else None)
         gen = await start_generation(engine, self.state.metrics, prompt_ids, params, request_id)
-        texts = TokenTexts(engine.tokenizer)
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             return sse_response(self._stream(gen, req, mode, model, texts, include_usage))

@@ -1,8 +1,9 @@
 """Per-app server state: the engine once it is warm, the served model names, the metrics."""
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Sequence
 
 from jaxserve.config import ServerConfig
 from jaxserve.server.errors import model_not_found, server_busy
@@ -21,9 +22,19 @@ class ServerState:
     startup_error: str | None = None
     created: int = 0
     metrics: ServerMetrics = field(init=False)
+    _token_bytes: Sequence[bytes | None] | None = field(default=None, init=False, repr=False)
+    _token_bytes_lock: asyncio.Lock = field(default_factory=asyncio.Lock, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.metrics = ServerMetrics(lambda: self.engine.stats() if self.engine is not None else None)
+
+    async def token_bytes(self) -> Sequence[bytes | None]:
+        """Exact bytes of every token id (for logprobs), built once on first use (about a second)."""
+        async with self._token_bytes_lock:
+            if self._token_bytes is None:
+                engine = self.require_engine()
+                self._token_bytes = await asyncio.to_thread(engine.tokenizer.token_bytes)
+            return self._token_bytes
 
     @property
     def ready(self) -> bool:
