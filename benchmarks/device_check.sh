@@ -5,17 +5,16 @@
 #
 # 1. the kernel-vs-reference checks, natively (plain script; pytest runs the CPU-side tests too if
 #    it is installed);
-# 2. HOOK for the engine end-to-end decode tok/s (batch 1/32/128, Llama-3-8B-shaped random bf16
-#    model): added by the engine owner once the engine exists;
+# 2. the engine end to end: decode tok/s at batch 1/32/128 on a Llama-3-8B-shaped random bf16 model
+#    (benchmarks/bench_engine_device.py);
 # 3. the decode attention benchmark: copy bandwidth, ours vs XLA reference vs jax's Pallas kernel at
 #    Llama-3-8B shapes (batch 8/64/256 x context 512/2048/8192); its JSON line is the last line.
 #
 # Only jax, numpy and this repository are needed (no fastapi/pydantic). Exit status: non-zero when a
 # kernel check fails or a step times out.
 #
-# Time budget (8 minutes in all): checks <= 100 s, pytest <= 60 s, attention benchmark <= 240 s
-# (it stops starting new shapes after --time-budget-s and says which it skipped), which leaves
-# about 80 s for the engine hook; shrink --time-budget-s if the engine needs more.
+# Time budget (8 minutes in all): checks <= 100 s, pytest <= 40 s, engine <= 170 s, attention
+# benchmark <= 170 s (it stops starting new shapes after --time-budget-s and says which it skipped).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -30,19 +29,19 @@ timeout 100 python benchmarks/bench_attention.py --checks-only | tail -n 25 || s
 
 if python -c "import pytest" 2>/dev/null; then
   echo "== 1b. pytest: reference and dispatch tests on this backend =="
-  timeout 60 python -m pytest -q -p no:cacheprovider tests/test_pallas_reference.py tests/test_pallas_dispatch.py \
+  timeout 40 python -m pytest -q -p no:cacheprovider tests/test_pallas_reference.py tests/test_pallas_dispatch.py \
     | tail -n 5 || status=1
 else
   echo "== 1b. pytest not installed: skipped (the plain-script checks above cover the kernels) =="
 fi
 
-# ===== HOOK (engine owner): end-to-end engine decode throughput =====================================
-# Run the engine on a Llama-3-8B-shaped random-weight bf16 model with --attention-backend pallas and
-# print decode tok/s at batch 1, 32 and 128 here, e.g.:
-#   timeout 150 python benchmarks/bench_engine_decode.py --model-shape llama3-8b --batches 1,32,128 || status=1
-echo "== 2. engine end-to-end: not wired yet (hook in benchmarks/device_check.sh) =="
+# ===== end-to-end engine decode throughput ==========================================================
+# The engine on a Llama-3-8B-shaped random-weight bf16 model with the Pallas attention backend: decode
+# tok/s at batch 1, 32 and 128 (prompt 128, 64 output tokens).
+echo "== 2. engine end-to-end (Llama-3-8B shapes, random bf16 weights, pallas attention) =="
+timeout 170 python benchmarks/bench_engine_device.py --batches 1 32 128 --attention-backend pallas || status=1
 # =====================================================================================================
 
 echo "== 3. decode attention benchmark =="
-timeout 240 python benchmarks/bench_attention.py --skip-checks --time-budget-s 150 || status=1
+timeout 170 python benchmarks/bench_attention.py --skip-checks --time-budget-s 100 || status=1
 exit $status

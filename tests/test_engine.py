@@ -277,3 +277,14 @@ def test_async_engine_streams_and_aborts(engine):
             await aeng.shutdown()
 
     asyncio.run(main())
+
+
+def test_overlapped_and_synchronous_steps_give_the_same_tokens(engine, tiny_engine_config):
+    sync = LLMEngine(tiny_engine_config(), overlap=False)
+    rng = random.Random(21)
+    requests = {f"o{i}": (random_prompt(rng, rng.randint(1, 120)),
+                          SamplingParams(max_tokens=rng.randint(1, 12), temperature=rng.choice([0.0, 20.0]), seed=i,
+                                         stop_token_ids=(rng.randrange(100, 49000),)))
+                for i in range(12)}
+    assert run_to_completion(sync, requests) == run_to_completion(engine, requests)
+    assert sync.allocator.num_used == 0 and engine.allocator.num_used == 0

@@ -48,18 +48,18 @@ class PagedCacheOps:
 
 
 def select_attention(backend: str, platform: str, *, interpret: bool = False) -> tuple[Callable[..., jax.Array], str]:
-    """Resolve --attention-backend to a function and a name for logs."""
+    """Resolve --attention-backend to an attention function and a name for logs. `pallas` (and `auto` on
+    GPU/TPU) uses our kernels; a shape a kernel does not support falls back to the reference with a log
+    line (decided per shape inside `pallas_kernels.paged_attention`), never a wrong result."""
+    from pallas_kernels import paged_attention
     from pallas_kernels.reference import paged_attention_reference
 
+    if backend not in ("auto", "reference", "pallas"):
+        raise ValueError(f"unknown attention backend {backend!r} (choose auto, reference or pallas)")
     if backend == "reference" or (backend == "auto" and platform == "cpu"):
         return paged_attention_reference, "reference"
-    if backend not in ("auto", "pallas"):
-        raise ValueError(f"unknown attention backend {backend!r}")
-    from pallas_kernels import paged_attention
-
-    impl = {"gpu": "pallas_gpu", "cuda": "pallas_gpu", "tpu": "pallas_tpu"}.get(platform)
-    if impl is None and not interpret:
+    if platform not in ("gpu", "cuda", "tpu") and not interpret:
         raise ValueError(f"the pallas attention backend needs a GPU or TPU (platform is {platform}); "
                          "use --attention-backend reference")
-    impl = impl or "pallas_gpu"
-    return partial(paged_attention, impl=impl, interpret=interpret), f"{impl}{' (interpret)' if interpret else ''}"
+    name = f"pallas ({platform}{', interpret' if interpret else ''})"
+    return partial(paged_attention, impl="pallas", interpret=interpret), name

@@ -15,7 +15,8 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass
-from typing import AsyncIterator, Iterable
+from pathlib import Path
+from typing import Any, AsyncIterator, Iterable
 
 import jax
 import numpy as np
@@ -29,7 +30,7 @@ from jaxserve.engine.request import (
     SeqStatus,
     TokenLogprob,
 )
-from jaxserve.engine.runner import ModelRunner, StepResult
+from jaxserve.engine.runner import ModelRunner, PendingResult, StepResult
 from jaxserve.engine.scheduler import PrefillChunk, Scheduler, SchedulerLimits
 from jaxserve.constrained.grammar import Grammar, make_grammar
 from jaxserve.engine import stops
@@ -41,7 +42,17 @@ from jaxserve.tokenizer import Tokenizer
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_MODEL_LEN = 8192
+PLACEHOLDER = -1  # an output token sampled by a step whose result the host has not read yet
 CPU_KV_BYTES_CAP = 4 << 30
+
+
+@dataclass(frozen=True)
+class ModelParts:
+    config: ModelConfig
+    params: Any  # parameter tree (host or device arrays) in the serving dtype; None = load from `path`
+    tokenizer: Tokenizer
+    name: str
+    path: str = ""
 
 
 @dataclass(frozen=True)
@@ -73,17 +84,24 @@ def enable_compilation_cache(setting: str | None) -> None:
 class LLMEngine:
     """Synchronous engine core; not thread-safe (AsyncEngine serialises access on its thread)."""
 
-    def __init__(self, config: EngineConfig, *, interpret_kernels: bool = False) -> None:
+    def __init__(self, config: EngineConfig, *, interpret_kernels: bool = False, overlap: bool = True,
+                 parts: "ModelParts | None" = None) -> None:
+        """parts: an already built model (config, weights, tokenizer) instead of loading `config.model`;
+        benchmarks use it for random-weight models of real sizes."""
         self.config = config
+        self.overlap = overlap
+        self._pending: list[tuple[Sequence, PendingResult, int]] = []
         enable_compilation_cache(config.compilation_cache_dir)
         if config.tp_size != 1:
             raise ValueError("tensor parallelism (tp_size > 1) is not implemented yet; use --tp-size 1")
-        files = resolve_model(config.model)
-        self.model_name = files.name
-        self.model_config: ModelConfig = files.config
         platform = jax.devices()[0].platform
         self.dtype = resolve_dtype(config.dtype, platform)
-        self.tokenizer = Tokenizer.from_dir(files.path)
+        if parts is None:
+            files = resolve_model(config.model)
+            parts = ModelParts(files.config, None, Tokenizer.from_dir(files.path), files.name, str(files.path))
+        self.model_name = parts.name
+        self.model_config: ModelConfig = parts.config
+        self.tokenizer = parts.tokenizer
         cfg = self.model_config
         limit = cfg.max_position_embeddings
         self.max_model_len = min(config.max_model_len or min(limit, DEFAULT_MAX_MODEL_LEN), limit)
@@ -95,7 +113,7 @@ class LLMEngine:
         from jaxserve.constrained.tables import GrammarPool
 
         self.grammar_pool = GrammarPool(config.grammar_capacity_states, cfg.vocab_size, min(self.tokenizer.vocab_size, cfg.vocab_size))
-        params = load_params(files.path, cfg, self.dtype)
+        params = parts.params if parts.params is not None else load_params(Path(parts.path), cfg, self.dtype)
         self.runner = ModelRunner(
             cfg, params, config, dtype=self.dtype, num_pages=num_pages, max_model_len=self.max_model_len,
             end_token_ids=self.end_token_ids, mask_table_fn=lambda: self.grammar_pool.table,
@@ -124,7 +142,7 @@ class LLMEngine:
         self._grammars: dict[tuple, Grammar] = {}  # compiled constraints with their closing rows
         self._vocab_info = None
         self._vocab_lock = threading.Lock()
-        log.info("model %s (%s, %s), %d KV pages of %d tokens, attention %s", files.path, cfg.family,
+        log.info("model %s (%s, %s), %d KV pages of %d tokens, attention %s", parts.path, cfg.family,
                  self.dtype, num_pages, config.page_size, self.runner.attention_name)
 
     def _num_pages(self, platform: str) -> int:
@@ -218,7 +236,7 @@ class LLMEngine:
         return RequestOutput(request_id, outs, len(seqs[0].prompt_ids), sum(len(s.output_ids) for s in seqs), True)
 
     def has_work(self) -> bool:
-        return self.scheduler.has_work()
+        return self.scheduler.has_work() or bool(self._pending)
 
     @staticmethod
     def check_budget(grammar: Grammar, max_tokens: int) -> None:
@@ -277,40 +295,66 @@ class LLMEngine:
         )
 
     def step(self) -> list[RequestOutput]:
+        """Schedule and dispatch one step, then read and post-process the previous one while the device
+        computes this one. Tokens of the step in flight are placeholders (-1) in `output_ids`; the next
+        decode of such a sequence reads its token on the device. Constrained rows need their sampled token
+        on the host before their next mask row is known, so while any runs, steps are synchronous."""
+        advanced: list[Sequence] = []
+        if self._pending and any(s.grammar is not None for s in self.scheduler.running):
+            advanced += self._resolve(self._pending)
+            self._pending = []
         sched = self.scheduler.schedule()
         self.num_preemptions_total += len(sched.preempted)
         if sched.copies or sched.slot_forks:
             self.runner.apply_forks([(a, b) for a, b, _ in sched.copies], [(a, b) for a, b, _ in sched.slot_forks])
-        advanced: list[Sequence] = []
+        current: list[tuple[Sequence, PendingResult, int]] = []
         if sched.decode:
             rows = [self._sampling_row(s, True) for s in sched.decode]
-            res = self.runner.run_decode(sched.decode, rows)
+            pending = self.runner.run_decode(sched.decode, rows)
             for i, s in enumerate(sched.decode):
                 s.num_computed += 1
-                self._append(s, res, i)
-                advanced.append(s)
+                self._reserve(s)
+                current.append((s, pending, i))
         if sched.prefill:
             self.num_prefill_tokens_computed += sum(c.length for c in sched.prefill)
-            rows = [self._sampling_row(c.seq, c.is_last and not c.seq.output_ids) for c in sched.prefill]
-            res = self.runner.run_prefill(sched.prefill, rows)
-            for i, c in enumerate(sched.prefill):
-                s = c.seq
-                if s.is_finished:
-                    continue
-                s.num_computed += c.length
-                if c.is_last and not s.output_ids:
-                    self._append(s, res, i)
-                    advanced.append(s)
+            emits = [c.is_last and not c.seq.output_ids for c in sched.prefill]
+            rows = [self._sampling_row(c.seq, e) for c, e in zip(sched.prefill, emits)]
+            pending = self.runner.run_prefill(sched.prefill, rows)
+            for i, (c, e) in enumerate(zip(sched.prefill, emits)):
+                c.seq.num_computed += c.length
+                if e:
+                    self._reserve(c.seq)
+                    current.append((c.seq, pending, i))
+        advanced += self._resolve(self._pending)
+        self._pending = current
+        if not self.overlap:
+            advanced += self._resolve(self._pending)
+            self._pending = []
         return self._collect(advanced)
 
+    @staticmethod
+    def _reserve(seq: Sequence) -> None:
+        seq.output_ids.append(PLACEHOLDER)
+        seq.num_pending += 1
+
+    def _resolve(self, entries: list[tuple[Sequence, "PendingResult", int]]) -> list[Sequence]:
+        done = []
+        for seq, pending, row in entries:
+            if seq.is_finished:  # finished (or aborted) while this step was in flight: discard the token
+                continue
+            self._append(seq, pending.result(), row)
+            done.append(seq)
+        return done
+
     def _append(self, seq: Sequence, res: StepResult, row: int) -> None:
-        if seq.is_finished:
-            return
+        """Fill the oldest placeholder of `seq` with the token sampled in `row` and apply the stops."""
         token = int(res.tokens[row])
+        idx = len(seq.output_ids) - seq.num_pending
+        seq.num_pending -= 1
         if seq.grammar is not None and int(res.num_allowed[row]) == 0:
             self._finish(seq, "abort", "the constraint allows no token here (grammar dead end)")
             return
-        seq.output_ids.append(token)
+        seq.output_ids[idx] = token
         self.num_generated_tokens_total += 1
         if seq.first_token_time is None:
             seq.first_token_time = time.monotonic()
@@ -325,6 +369,9 @@ class LLMEngine:
             self._finish(seq, *finish)
 
     def _finish(self, seq: Sequence, reason: str, stop_reason: int | str | None = None) -> None:
+        if seq.num_pending:  # tokens of steps in flight after the stop are dropped
+            del seq.output_ids[len(seq.output_ids) - seq.num_pending:]
+            seq.num_pending = 0
         seq.status = SeqStatus.FINISHED
         seq.finish_reason = reason
         seq.stop_reason = stop_reason
@@ -344,9 +391,10 @@ class LLMEngine:
                 continue
             choice_outs = []
             for s in seqs:
-                new_ids = s.output_ids[s.sent_tokens:]
-                lps = s.logprobs[s.sent_tokens:] if s.params.logprobs is not None else None
-                s.sent_tokens = len(s.output_ids)
+                resolved = len(s.output_ids) - s.num_pending
+                new_ids = s.output_ids[s.sent_tokens:resolved]
+                lps = s.logprobs[s.sent_tokens:resolved] if s.params.logprobs is not None else None
+                s.sent_tokens = resolved
                 text, s.pending_emit = s.pending_emit, ""
                 choice_outs.append(CompletionOutput(s.index, new_ids, text, lps, s.finish_reason, s.stop_reason))
             finished = all(s.is_finished for s in all_seqs)

@@ -68,6 +68,7 @@ class Sequence:
     pending_text: str = ""  # detokenized text held back because it may start a stop string
     pending_emit: str = ""  # text ready to be reported in the next output
     sent_tokens: int = 0  # output tokens already reported
+    num_pending: int = 0  # trailing output_ids that are placeholders of steps in flight
     logprobs: list[TokenLogprob] = field(default_factory=list)
     grammar: Any = None  # compiled TokenTable of the constraint, None when unconstrained
     grammar_offset: int = 0  # first row of this grammar in the device mask pool
@@ -88,6 +89,10 @@ class Sequence:
     @property
     def is_finished(self) -> bool:
         return self.status is SeqStatus.FINISHED
+
+    @property
+    def num_resolved(self) -> int:
+        return len(self.output_ids) - self.num_pending
 
     @property
     def in_prefill(self) -> bool:

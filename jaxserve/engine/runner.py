@@ -101,12 +101,17 @@ class StepInputs:
     chunk_slot: jax.Array  # [B]
     chunk_prompt_len: jax.Array  # [B]
     chunk_len: jax.Array  # [B]
+    # Decode rows whose input token was sampled by the previous, still unread step: the slot whose entry
+    # of the device-side `last_tokens` holds it (-1: the token in `tokens` is known on the host).
+    token_slot: jax.Array  # [B]
 
 
-def _forward_step(forward, sample_rows: int, params, cache, penalty: PenaltyState, inp: StepInputs):
+def _forward_step(forward, sample_rows: int, params, cache, penalty: PenaltyState, last_tokens, inp: StepInputs):
     """Model forward over the batch plus the penalty bookkeeping of prefill chunks -> logits padded to
     the sampler's row bucket [sample_rows, V]."""
-    logits, cache = forward(params, inp.tokens, inp.positions, cache, inp.meta, inp.logits_index)
+    from_device = last_tokens[jnp.maximum(inp.token_slot, 0)][:, None]
+    tokens = jnp.where(inp.token_slot[:, None] >= 0, from_device, inp.tokens)
+    logits, cache = forward(params, tokens, inp.positions, cache, inp.meta, inp.logits_index)
     logits = jnp.pad(logits, ((0, sample_rows - logits.shape[0]), (0, 0)))
     penalty = reset_slots(penalty, inp.reset_slot)
     penalty = add_prompt_tokens(penalty, inp.chunk_slot, inp.tokens, inp.chunk_prompt_len)
@@ -121,8 +126,10 @@ def _forward_step(forward, sample_rows: int, params, cache, penalty: PenaltyStat
     return logits, cache, penalty
 
 
-def _sample_step(logits, sampling: SamplingBatch, penalty: PenaltyState, mask_table, end_ids) -> SampleOutput:
-    return sample(logits, sampling, penalty, mask_table, end_ids, num_top_logprobs=NUM_TOP_LOGPROBS)
+def _sample_step(logits, sampling: SamplingBatch, penalty: PenaltyState, mask_table, end_ids, last_tokens):
+    out = sample(logits, sampling, penalty, mask_table, end_ids, num_top_logprobs=NUM_TOP_LOGPROBS)
+    slots = jnp.where(sampling.slot >= 0, sampling.slot, last_tokens.shape[0])
+    return out, last_tokens.at[slots].set(out.tokens, mode="drop")
 
 
 def _copy_pages(cache: PagedKVCache, src: jax.Array, dst: jax.Array) -> PagedKVCache:
@@ -178,13 +185,16 @@ class ModelRunner:
         # per row count, so compile time grows with the bucket grid far more slowly. Both are dispatched
         # asynchronously; the logits never leave the device.
         self._forward = jax.jit(partial(_forward_step, forward), static_argnums=(0,), donate_argnums=(2, 3))
-        self._sample = jax.jit(_sample_step, donate_argnums=(2,))
+        self._sample = jax.jit(_sample_step, donate_argnums=(2, 5))
         self._copy_pages = jax.jit(_copy_pages, donate_argnums=(0,))
         self._fork_slots = jax.jit(_fork_slots, donate_argnums=(0,))
         self.params = jax.device_put(params)
         kv_dtype = jnp.float32 if dtype == "float32" else jnp.bfloat16
         self.cache = init_paged_cache(model_config, num_pages, self.page_size, kv_dtype)
         self.penalty = init_penalty_state(engine_config.max_running_requests, model_config.vocab_size)
+        # The latest sampled token of each running slot, kept on the device so the next step can be
+        # dispatched before the host has read this one (host work overlaps device work).
+        self.last_tokens = jnp.zeros(engine_config.max_running_requests, jnp.int32)
         self.end_ids = jnp.asarray(np.array(list(end_token_ids) or [-1], np.int32))
         self._mask_table_fn = mask_table_fn  # () -> current device grammar mask table
         max_chunk = min(engine_config.max_num_batched_tokens, max_model_len)
@@ -233,12 +243,12 @@ class ModelRunner:
     def _run(self, inp: StepInputs) -> tuple[SampleOutput, PagedKVCache]:
         rows = inp.tokens.shape[0]
         sample_rows = _first_at_least(self.buckets.sample_rows, rows)
-        logits, cache, penalty = self._forward(sample_rows, self.params, self.cache, self.penalty, inp)
+        logits, cache, penalty = self._forward(sample_rows, self.params, self.cache, self.penalty, self.last_tokens, inp)
         inp_sampling = inp.sampling
         if sample_rows != rows:
             inp_sampling = build_sampling_batch([], sample_rows)  # inert rows, then the real ones on top
             inp_sampling = jax.tree.map(lambda pad, real: np.concatenate([real, pad[rows:]]), inp_sampling, inp.sampling)
-        out = self._sample(logits, inp_sampling, penalty, self._mask_table_fn(), self.end_ids)
+        out, self.last_tokens = self._sample(logits, inp_sampling, penalty, self._mask_table_fn(), self.end_ids, self.last_tokens)
         self.penalty = out.penalty
         return out, cache
 
@@ -249,18 +259,18 @@ class ModelRunner:
             np.zeros((rows, pages), np.int32), np.zeros(rows, np.int32), np.zeros(rows, np.int32),
             np.zeros((rows, tokens), np.int32), np.zeros((rows, tokens), np.int32), np.zeros(rows, np.int32),
             build_sampling_batch([], rows), np.full(rows, -1, np.int32), np.full(rows, -1, np.int32),
-            np.zeros(rows, np.int32), np.zeros(rows, np.int32),
+            np.zeros(rows, np.int32), np.zeros(rows, np.int32), np.full(rows, -1, np.int32),
         )
 
     @staticmethod
     def _inputs(tokens, positions, page_table, seq_lens, q_start, slot_page, slot_offset, logits_index,
-                sampling, reset_slot, chunk_slot, chunk_prompt_len, chunk_len) -> StepInputs:
+                sampling, reset_slot, chunk_slot, chunk_prompt_len, chunk_len, token_slot) -> StepInputs:
         return StepInputs(
             tokens=tokens, positions=positions,
             meta=PagedMeta(page_table=page_table, seq_lens=seq_lens, q_start=q_start,
                            slot_page=slot_page, slot_offset=slot_offset),
             logits_index=logits_index, sampling=sampling, reset_slot=reset_slot, chunk_slot=chunk_slot,
-            chunk_prompt_len=chunk_prompt_len, chunk_len=chunk_len,
+            chunk_prompt_len=chunk_prompt_len, chunk_len=chunk_len, token_slot=token_slot,
         )
 
     def _fill_slots(self, seq: Sequence, start: int, length: int, slot_page: np.ndarray, slot_offset: np.ndarray, row: int) -> None:
@@ -269,7 +279,7 @@ class ModelRunner:
         slot_page[row, :length] = pages[pos // self.page_size]
         slot_offset[row, :length] = pos % self.page_size
 
-    def run_decode(self, seqs: list[Sequence], rows_info: list[SamplingRow]) -> StepResult:
+    def run_decode(self, seqs: list[Sequence], rows_info: list[SamplingRow]) -> "PendingResult":
         n = len(seqs)
         max_pages = max(len(s.pages) for s in seqs)
         rows, width = self.buckets.decode_shape(n, max_pages)
@@ -280,9 +290,14 @@ class ModelRunner:
         q_start = np.zeros(rows, np.int32)
         slot_page = np.zeros((rows, 1), np.int32)
         slot_offset = np.zeros((rows, 1), np.int32)
+        token_slot = np.full(rows, -1, np.int32)
         for i, s in enumerate(seqs):
             pos = s.num_tokens - 1
-            tokens[i, 0] = s.output_ids[-1] if s.output_ids else s.prompt_ids[-1]
+            last = s.output_ids[-1] if s.output_ids else s.prompt_ids[-1]
+            if last < 0:  # sampled by the step in flight: read it on the device
+                token_slot[i] = s.slot
+            else:
+                tokens[i, 0] = last
             positions[i, 0] = pos
             page_table[i, : len(s.pages)] = s.pages
             seq_lens[i] = pos + 1
@@ -291,10 +306,10 @@ class ModelRunner:
         none = np.full(rows, -1, np.int32)
         zeros = np.zeros(rows, np.int32)
         inp = self._inputs(tokens, positions, page_table, seq_lens, q_start, slot_page, slot_offset, zeros,
-                           build_sampling_batch(rows_info, rows), none, none, zeros, zeros)
-        return self._finish(inp, n)
+                           build_sampling_batch(rows_info, rows), none, none, zeros, zeros, token_slot)
+        return self._dispatch(inp, n)
 
-    def run_prefill(self, chunks: list[PrefillChunk], rows_info: list[SamplingRow]) -> StepResult:
+    def run_prefill(self, chunks: list[PrefillChunk], rows_info: list[SamplingRow]) -> "PendingResult":
         n = len(chunks)
         rows, t = self.buckets.prefill_shape(n, max(c.length for c in chunks))
         width = self.max_pages_per_row
@@ -326,10 +341,27 @@ class ModelRunner:
             chunk_prompt_len[i] = max(0, min(c.length, len(s.prompt_ids) - c.start))
             chunk_len[i] = c.length
         inp = self._inputs(tokens, positions, page_table, seq_lens, q_start, slot_page, slot_offset, logits_index,
-                           build_sampling_batch(rows_info, rows), reset_slot, chunk_slot, chunk_prompt_len, chunk_len)
-        return self._finish(inp, n)
+                           build_sampling_batch(rows_info, rows), reset_slot, chunk_slot, chunk_prompt_len, chunk_len,
+                           np.full(rows, -1, np.int32))
+        return self._dispatch(inp, n)
 
-    def _finish(self, inp: StepInputs, n: int) -> StepResult:
+    def _dispatch(self, inp: StepInputs, n: int) -> "PendingResult":
         out, self.cache = self._run(inp)
-        host = jax.device_get((out.tokens, out.logprob, out.top_ids, out.top_logprobs, out.num_allowed))
-        return StepResult(*(np.asarray(a)[:n] for a in host))
+        return PendingResult(out, n)
+
+
+class PendingResult:
+    """A dispatched step whose sampled tokens the host has not read yet (JAX dispatch is asynchronous)."""
+
+    def __init__(self, out: SampleOutput, n: int) -> None:
+        self._out: SampleOutput | None = out
+        self._n = n
+        self._result: StepResult | None = None
+
+    def result(self) -> StepResult:
+        if self._result is None:
+            o = self._out
+            host = jax.device_get((o.tokens, o.logprob, o.top_ids, o.top_logprobs, o.num_allowed))
+            self._result = StepResult(*(np.asarray(a)[: self._n] for a in host))
+            self._out = None
+        return self._result

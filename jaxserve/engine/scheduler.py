@@ -107,7 +107,8 @@ class Scheduler:
         ps = self.limits.page_size
 
         # 1. Decode rows: each needs room for one more token. Out of pages -> preempt the newest.
-        decode_candidates = [s for s in self.running if not s.in_prefill]
+        # A sequence whose last budgeted token is already in flight needs no further step.
+        decode_candidates = [s for s in self.running if not s.in_prefill and len(s.output_ids) < s.max_tokens]
         for seq in decode_candidates:
             if seq not in self.running:  # preempted below as a victim
                 continue
@@ -125,17 +126,21 @@ class Scheduler:
 
         # 2. Prefill chunks: running sequences in the middle of their prompt first, then admissions.
         budget = self.limits.max_prefill_tokens
+        blocked = False  # a running prompt could not get pages
         for seq in [s for s in self.running if s.in_prefill]:
             if budget <= 0 or len(out.prefill) >= self.limits.max_prefill_rows:
                 break
             chunk = self._chunk(seq, budget, self._cap(out))
             if chunk is None:
+                blocked = True
                 continue
             out.prefill.append(chunk)
             budget -= chunk.length
         for seq in list(self.waiting):
             if budget <= 0 or len(out.prefill) >= self.limits.max_prefill_rows or len(self.running) >= self.limits.max_running:
                 break
+            if seq.num_pending:
+                continue  # preempted while its last token was in flight: recompute once it is known
             leader = seq.leader
             if leader is not None and not seq.output_ids and leader.status is not SeqStatus.FINISHED:
                 if leader.status is SeqStatus.WAITING or leader.in_prefill:
@@ -155,7 +160,7 @@ class Scheduler:
             self.running.append(seq)
             out.prefill.append(chunk)
             budget -= chunk.length
-        if out.empty and len(self.running) > 1:
+        if out.empty and blocked and len(self.running) > 1:
             # Every running sequence is stuck mid-prompt waiting for pages: free the newest one's.
             self._preempt(self.running[-1], out)
             return self._merge(out, self.schedule())

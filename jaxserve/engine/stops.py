@@ -41,11 +41,12 @@ def advance(seq: Sequence, token: int, end_token_ids: tuple[int, ...], max_model
             seq.pending_emit += emit
             seq.pending_text = ""
             return "stop", stop
-    if is_end and len(seq.output_ids) >= p.min_tokens:
+    n_out = seq.num_resolved  # tokens of steps still in flight do not count yet
+    if is_end and n_out >= p.min_tokens:
         finish = ("stop", None)
-    elif is_stop_id and len(seq.output_ids) >= p.min_tokens:
+    elif is_stop_id and n_out >= p.min_tokens:
         finish = ("stop", token)
-    elif len(seq.output_ids) >= seq.max_tokens or seq.num_tokens >= max_model_len:
+    elif n_out >= seq.max_tokens or len(seq.prompt_ids) + n_out >= max_model_len:
         finish = ("length", None)
     if finish is None and p.stop:
         hold = _held_back(buf, p.stop)

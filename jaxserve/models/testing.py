@@ -141,3 +141,50 @@ def make_tiny_model(out_dir: str | Path, family: str = "llama", seed: int = 0, t
     )
     save_file(tiny_hf_weights(hf, seed), str(out / "model.safetensors"), metadata={"format": "pt"})
     return out
+
+
+def random_params(cfg, dtype: str = "bfloat16", seed: int = 0):
+    """Random weights of any size for `cfg`, created directly on the default device (no files): the
+    parameter tree the engine expects, for benchmarks of real model shapes."""
+    import jax
+    import jax.numpy as jnp
+
+    from jaxserve.models.contiguous import ContiguousCacheOps, ContiguousMeta
+    from jaxserve.models.llama import LlamaModel, dtype_of
+
+    model = LlamaModel(cfg, dtype_of(dtype), ContiguousCacheOps(cfg.head_dim**-0.5))
+    ids = jnp.zeros((1, 1), jnp.int32)
+    cache_shape = (cfg.num_layers, 1, 1, cfg.num_kv_heads, cfg.head_dim)
+    cache = (jnp.zeros(cache_shape, dtype_of(dtype)), jnp.zeros(cache_shape, dtype_of(dtype)))
+    meta = ContiguousMeta(jnp.zeros(1, jnp.int32), jnp.ones(1, jnp.int32))
+    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), ids, ids, cache, meta))["params"]
+    leaves, treedef = jax.tree.flatten(shapes)
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+
+    def fill(key, shape, dtype):
+        return (jax.random.normal(key, shape, jnp.float32) * 0.02).astype(dtype)
+
+    # Norm scales are set to one below; everything else is N(0, 0.02).
+    arrays = [jax.jit(fill, static_argnums=(1, 2))(k, l.shape, l.dtype) for k, l in zip(keys, leaves)]
+    params = jax.tree.unflatten(treedef, arrays)
+
+    def ones_for_norms(path, x):
+        name = jax.tree_util.keystr(path)
+        return jnp.ones_like(x) if "norm" in name or "layernorm" in name else x
+
+    return jax.tree_util.tree_map_with_path(ones_for_norms, params)
+
+
+def synthetic_tokenizer(vocab_size: int, eos_token_id: int = 1):
+    """A real (word-level) fast tokenizer over `vocab_size` tokens named t0, t1, ...: for random-weight
+    benchmarks whose text is meaningless anyway."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from jaxserve.tokenizer import Tokenizer
+
+    core = HFTokenizer(models.WordLevel({f"t{i}": i for i in range(vocab_size)}, unk_token="t0"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    hf = PreTrainedTokenizerFast(tokenizer_object=core, eos_token=f"t{eos_token_id}", unk_token="t0")
+    return Tokenizer(hf, eos_token_ids=(eos_token_id,))
