@@ -17,7 +17,6 @@
 # benchmark <= 170 s (it stops starting new shapes after --time-budget-s and says which it skipped).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-set -o pipefail
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 # Let the benchmark allocate what it needs without XLA grabbing 75% of HBM up front.
 export XLA_PYTHON_CLIENT_PREALLOCATE=false
