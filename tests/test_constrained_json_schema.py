@@ -60,6 +60,8 @@ SCHEMAS = [
     {"type": "object", "properties": {"o1": {"type": "boolean"}, "o2": {"type": "boolean"},
                                       "r": {"type": "string", "pattern": "^x+$"}}, "required": ["r"]},
     {"type": "string", "pattern": "^[a-z]+$", "minLength": 2, "maxLength": 5},
+    {"oneOf": [{"type": "object", "properties": {"kind": {"const": "a"}, "x": {"type": "integer"}}, "required": ["kind"]},
+               {"type": "object", "properties": {"kind": {"enum": ["b", "c"]}}, "required": ["kind"]}]},
     True,
 ]
 

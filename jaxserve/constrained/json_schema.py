@@ -687,8 +687,9 @@ def _disjoint_types(subs: list, conv: _Converter) -> bool:
     for sub in subs:
         types = _branch_types(sub, conv)
         if types is None or types & seen:
-            # Distinct const/enum values of one type are also exclusive.
-            return _distinct_literals(subs)
+            # Distinct const/enum values, or a required property with distinct const/enum values in every
+            # branch (a discriminator), also make the branches exclusive.
+            return _distinct_literals(subs) or _has_discriminator(subs, conv)
         seen |= types
     return True
 
@@ -706,6 +707,36 @@ def _distinct_literals(subs: list) -> bool:
             return False
         values += [json.dumps(v, sort_keys=True) for v in vals]
     return len(values) == len(set(values))
+
+
+def _literal_values(sub) -> list | None:
+    if isinstance(sub, dict) and "const" in sub:
+        return [sub["const"]]
+    if isinstance(sub, dict) and isinstance(sub.get("enum"), list):
+        return sub["enum"]
+    return None
+
+
+def _has_discriminator(subs: list, conv: _Converter) -> bool:
+    branches = []
+    for sub in subs:
+        if isinstance(sub, dict) and "$ref" in sub and len(sub) == 1:
+            try:
+                sub = conv.resolve(sub["$ref"])
+            except ValueError:
+                return False
+        if not isinstance(sub, dict) or not isinstance(sub.get("properties"), dict):
+            return False
+        branches.append(sub)
+    candidates = set.intersection(*(set(b.get("required", [])) & set(b["properties"]) for b in branches))
+    for name in sorted(candidates):
+        values = [_literal_values(b["properties"][name]) for b in branches]
+        if any(v is None for v in values):
+            continue
+        encoded = [json.dumps(v, sort_keys=True) for vals in values for v in vals]
+        if len(encoded) == len(set(encoded)):
+            return True
+    return False
 
 
 def _length_range(node) -> tuple[int, int | None]:

@@ -143,6 +143,10 @@ class _Nfa:
 
     def _chars(self, node: Chars, start: int) -> int:
         end = self.new()
+        if len(node.ranges) == 1 and node.ranges[0][1] < 0x80:  # ASCII: one byte edge
+            lo, hi = node.ranges[0]
+            self.edges[start].append((lo, hi, end))
+            return end
         seqs = self._seq_cache.get(node.ranges)
         if seqs is None:
             seqs = [s for lo, hi in node.ranges for s in utf8_sequences(lo, hi)]
@@ -237,7 +241,7 @@ def _subset_construction(nfa: _Nfa, start: int, accept: int, limits: DfaLimits, 
         if (i & 63) == 0 and time.monotonic() > deadline:
             raise ValueError("regex too complex: compile time limit exceeded")
         edges = [e for s in sets[i] for e in cls_edges[s]]
-        row = np.full(num_classes, DEAD, dtype=np.int32)
+        row = [DEAD] * num_classes
         # Sweep the class axis: between consecutive edge boundaries the set of targets is constant.
         points = sorted({p for clo, chi, _ in edges for p in (clo, chi + 1)})
         cache: dict[frozenset[int], int] = {}
@@ -257,10 +261,10 @@ def _subset_construction(nfa: _Nfa, start: int, accept: int, limits: DfaLimits, 
                     index[target] = j
                     sets.append(target)
                 cache[key] = j
-            row[a:b] = j
+            row[a:b] = [j] * (b - a)
         rows.append(row)
         i += 1
-    trans_cls = np.stack(rows) if rows else np.zeros((0, num_classes), dtype=np.int32)
+    trans_cls = np.asarray(rows, dtype=np.int32).reshape(len(rows), num_classes)
     accepting = np.fromiter((accept in s for s in sets), dtype=bool, count=len(sets))
     return trans_cls, accepting, byte_class
 

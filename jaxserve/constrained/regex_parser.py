@@ -219,7 +219,9 @@ class _Ctx:
         if name in _UNSUPPORTED:
             raise ValueError(f"unsupported regex feature: {_UNSUPPORTED[name]}")
         if op is sre_c.LITERAL:
-            return Chars(normalize_ranges([(av, av)]))
+            if SURROGATES[0] <= av <= SURROGATES[1]:
+                return Chars(())
+            return Chars(((av, av),))
         if op is sre_c.NOT_LITERAL:
             return Chars(complement_ranges(normalize_ranges([(av, av)])))
         if op is sre_c.ANY:
