@@ -540,6 +540,8 @@ class _Converter:
         members: list[tuple[str, bool]] = []
         for name in names:
             is_required = name in required
+            if name not in props and additional is False:
+                raise _Never()  # required, yet forbidden by additionalProperties: false
             sub = props.get(name, additional if isinstance(additional, dict) else True)
             key = _literal(json.dumps(name, ensure_ascii=False))
             try:
