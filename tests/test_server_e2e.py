@@ -247,7 +247,7 @@ def test_chat_logprobs_openai_format(client):
 
 
 def test_stop_string_cuts_the_reply(client):
-    r = client.chat.completions.create(model=MODEL, messages=USER, temperature=0, max_tokens=20, stop=["wor"],
+    r = client.chat.completions.create(model=MODEL, messages=USER, temperature=0, max_tokens=40, stop=["wor"],
                                        extra_body={"regex": "hello world and more"})
     assert r.choices[0].message.content == "hello "
     assert r.choices[0].finish_reason == "stop"
@@ -309,7 +309,7 @@ HERMES_REGEX = r'Checking\. <tool_call>\{"name": "get_weather", "arguments": \{"
 
 def test_tool_choice_auto_parses_hermes_calls_whole_and_streamed(client):
     # The random model cannot choose to call a tool, so a regex makes it write a Hermes-format call.
-    kwargs = dict(model=MODEL, messages=USER, tools=[WEATHER], temperature=0, max_tokens=60,
+    kwargs = dict(model=MODEL, messages=USER, tools=[WEATHER], temperature=0, max_tokens=120,
                   extra_body={"regex": HERMES_REGEX})
     r = client.chat.completions.create(**kwargs)
     msg = r.choices[0].message

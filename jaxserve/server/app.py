@@ -13,9 +13,11 @@ from typing import TYPE_CHECKING, AsyncIterator, Awaitable, Callable
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from jaxserve.config import ServerConfig
 from jaxserve.server.errors import APIError, install_error_handlers
+from jaxserve.server.metrics import ServerMetrics
 from jaxserve.server.protocol import now
 from jaxserve.server.serving_chat import ChatService
 from jaxserve.server.serving_completions import CompletionService
@@ -60,6 +62,34 @@ async def read_body(request: Request, limit: int) -> bytes:
             raise APIError(413, f"request body exceeds the limit of {limit} bytes", code="request_too_large")
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+class RequestCounter:
+    """Counts finished requests by endpoint and status. Plain ASGI rather than BaseHTTPMiddleware, so
+    streamed bodies pass through untouched, chunk by chunk."""
+
+    def __init__(self, app: ASGIApp, metrics: ServerMetrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        status = 500  # the app died before starting a response
+
+        async def send_and_record(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_record)
+        finally:
+            path = scope["path"]
+            endpoint = path if path in _METRIC_PATHS else ("/v1/models/{id}" if path.startswith("/v1/models/") else "other")
+            self.metrics.requests.labels(endpoint=endpoint, status=str(status)).inc()
 
 
 def build_app(
@@ -122,13 +152,7 @@ def build_app(
 
     auth = [Depends(require_api_key)]
 
-    @app.middleware("http")
-    async def count_requests(request: Request, call_next: Callable) -> Response:
-        response = await call_next(request)
-        path = request.url.path
-        endpoint = path if path in _METRIC_PATHS else ("/v1/models/{id}" if path.startswith("/v1/models/") else "other")
-        state.metrics.requests.labels(endpoint=endpoint, status=str(response.status_code)).inc()
-        return response
+    app.add_middleware(RequestCounter, metrics=state.metrics)
 
     @app.get("/health")
     async def health() -> JSONResponse:
