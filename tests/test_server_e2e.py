@@ -328,6 +328,13 @@ def test_tool_choice_auto_parses_hermes_calls_whole_and_streamed(client):
                 finishes.append(ch.finish_reason)
     assert content.strip() == "Checking." and finishes == ["tool_calls"]
     assert [(c["name"], json.loads(c["arguments"])) for c in calls.values()] == [("get_weather", {"city": "Paris"})]
+    # Llama 3 style: the whole reply is a JSON call with "parameters".
+    llama = client.chat.completions.create(
+        model=MODEL, messages=USER, tools=[WEATHER], temperature=0, max_tokens=120,
+        extra_body={"regex": r'\{"name": "get_weather", "parameters": \{"city": "Rome"\}\}'})
+    assert llama.choices[0].finish_reason == "tool_calls" and llama.choices[0].message.content is None
+    assert [(c.function.name, json.loads(c.function.arguments)) for c in llama.choices[0].message.tool_calls] == [
+        ("get_weather", {"city": "Rome"})]
     # Sending the call and its result back renders through the chat template.
     follow = client.chat.completions.create(
         model=MODEL, temperature=0, max_tokens=4, tools=[WEATHER],
