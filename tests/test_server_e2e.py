@@ -376,6 +376,15 @@ def test_native_generate_tokenize_detokenize(http):
     assert events[-1]["text"] == r["text"] and events[-1]["output_ids"] == r["output_ids"]
     by_ids = http.post("/generate", json={"input_ids": [1, 2, 3], "sampling_params": {"max_new_tokens": 2}}).json()
     assert by_ids["meta_info"]["prompt_tokens"] == 3
+    batch = http.post("/generate", json={"text": ["The capital of France is", "a b c"],
+                                         "sampling_params": {**body["sampling_params"], "n": 2}}).json()
+    assert [b["index"] for b in batch] == [0, 1, 2, 3] and batch[0]["text"] == batch[1]["text"] == r["text"]
+    assert all(len(b["output_ids"]) == 4 for b in batch)
+    streamed = sse_payloads(http.post("/generate", json={"input_ids": [[1, 2], [3, 4, 5]], "stream": True,
+                                                         "sampling_params": {"max_new_tokens": 3, "ignore_eos": True}}))
+    last = {e["index"]: e for e in streamed}
+    assert sorted(last) == [0, 1] and [last[i]["meta_info"]["prompt_tokens"] for i in (0, 1)] == [2, 3]
+    assert all(e["meta_info"]["finish_reason"]["type"] == "length" for e in last.values())
     toks = http.post("/v1/tokenize", json={"prompt": "hello world", "add_special_tokens": False}).json()
     assert toks["count"] == len(toks["tokens"]) > 0 and toks["max_model_len"] == MAX_MODEL_LEN
     assert http.post("/v1/detokenize", json={"tokens": toks["tokens"]}).json()["prompt"] == "hello world"

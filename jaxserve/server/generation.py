@@ -125,3 +125,22 @@ async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
     except (asyncio.CancelledError, Exception):
         pass  # the client is gone; nobody will read the outcome
     raise ClientDisconnected()
+
+
+async def merge_generations(gens: list[Generation]) -> AsyncIterator[tuple[int, "RequestOutput"]]:
+    """Interleave several generations' outputs as they arrive, as (generation index, output)."""
+    pending: dict[asyncio.Future, int] = {asyncio.ensure_future(g.__anext__()): i for i, g in enumerate(gens)}
+    try:
+        while pending:
+            done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            for fut in done:
+                i = pending.pop(fut)
+                try:
+                    out = fut.result()
+                except StopAsyncIteration:
+                    continue
+                pending[asyncio.ensure_future(gens[i].__anext__())] = i
+                yield i, out
+    finally:
+        for fut in pending:
+            fut.cancel()

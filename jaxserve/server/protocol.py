@@ -182,8 +182,8 @@ class NativeSamplingParams(_Request):
 
 
 class GenerateRequest(_Request):
-    text: str | None = None
-    input_ids: list[int] | None = None
+    text: str | list[str] | None = None  # a list is a batch: one result per prompt (times n)
+    input_ids: list[int] | list[list[int]] | None = None
     sampling_params: NativeSamplingParams = Field(default_factory=NativeSamplingParams)
     stream: bool = False
     return_logprob: bool = False

@@ -10,7 +10,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.requests import Request
 
 from jaxserve.server.errors import APIError, bad_request
-from jaxserve.server.generation import Generation, start_generation, until_disconnect
+from jaxserve.server.generation import Generation, merge_generations, start_generation, until_disconnect
 from jaxserve.server.logprobs import TokenTexts, completion_logprobs, merge_completion_logprobs
 from jaxserve.server.protocol import CompletionRequest, new_id, now
 from jaxserve.server.request_params import (
@@ -23,7 +23,7 @@ from jaxserve.server.state import ServerState
 from jaxserve.server.streaming import SSE_DONE, sse_event, sse_response
 
 if TYPE_CHECKING:
-    from jaxserve.engine.engine import AsyncEngine, RequestOutput
+    from jaxserve.engine.engine import AsyncEngine
 
 logger = logging.getLogger(__name__)
 
@@ -48,25 +48,6 @@ class _Choice:
     text_len: int = 0
     finish_reason: str | None = None
     stop_reason: int | str | None = None
-
-
-async def _merge(gens: list[Generation]) -> AsyncIterator[tuple[int, "RequestOutput"]]:
-    """Interleave several generations' outputs as they arrive: (prompt index, output)."""
-    pending: dict[asyncio.Future, int] = {asyncio.ensure_future(g.__anext__()): i for i, g in enumerate(gens)}
-    try:
-        while pending:
-            done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-            for fut in done:
-                i = pending.pop(fut)
-                try:
-                    out = fut.result()
-                except StopAsyncIteration:
-                    continue
-                pending[asyncio.ensure_future(gens[i].__anext__())] = i
-                yield i, out
-    finally:
-        for fut in pending:
-            fut.cancel()
 
 
 class CompletionService:
@@ -133,7 +114,7 @@ class CompletionService:
                 choices[k * n + i].text_len = len(echo)
         usage = [(0, 0)] * len(gens)
         try:
-            async for k, out in _merge(gens):
+            async for k, out in merge_generations(gens):
                 usage[k] = (out.num_prompt_tokens, out.num_output_tokens)
                 for c in out.outputs:
                     st = choices[k * n + c.index]
@@ -203,7 +184,7 @@ class CompletionService:
             for j in range(n * len(gens)):
                 if echoes[j // n]:
                     yield chunk([{"index": j, "text": echoes[j // n], "logprobs": None, "finish_reason": None}])
-            async for k, out in _merge(gens):
+            async for k, out in merge_generations(gens):
                 usage[k] = (out.num_prompt_tokens, out.num_output_tokens)
                 for c in out.outputs:
                     j = k * n + c.index

@@ -9,7 +9,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.requests import Request
 
 from jaxserve.server.errors import APIError, bad_request
-from jaxserve.server.generation import Generation, start_generation, until_disconnect
+from jaxserve.server.generation import Generation, merge_generations, start_generation, until_disconnect
 from jaxserve.server.protocol import DetokenizeRequest, GenerateRequest, TokenizeRequest, new_id
 from jaxserve.server.request_params import (
     check_context,
@@ -18,6 +18,7 @@ from jaxserve.server.request_params import (
     parse_body,
 )
 from jaxserve.server.serving_chat import template_messages
+from jaxserve.server.serving_completions import MAX_PROMPTS_PER_REQUEST
 from jaxserve.server.state import ServerState
 from jaxserve.server.streaming import SSE_DONE, sse_event, sse_response
 
@@ -69,21 +70,49 @@ class NativeService:
             raise bad_request("give exactly one of text or input_ids", param="text")
         logprobs = req.top_logprobs_num if req.return_logprob else None
         params = native_sampling_params(req.sampling_params, logprobs, engine.tokenizer.vocab_size)
-        if req.text is not None:
-            check_prompt_chars(len(req.text), engine.max_model_len, "text")
-            ids = await asyncio.to_thread(engine.tokenizer.encode, req.text, add_special_tokens=True)
-        else:
-            ids = list(req.input_ids or [])
-            _check_ids(ids, engine.tokenizer.vocab_size, "input_ids")
-        check_context(len(ids), params.max_tokens, engine.max_model_len)
-        self.state.admit()
+        prompts, batched = self._prompts(req)
+        if len(prompts) > MAX_PROMPTS_PER_REQUEST:
+            raise bad_request(f"at most {MAX_PROMPTS_PER_REQUEST} prompts per request", param="text")
+        token_lists = []
+        for prompt in prompts:
+            if isinstance(prompt, str):
+                check_prompt_chars(len(prompt), engine.max_model_len, "text")
+                ids = await asyncio.to_thread(engine.tokenizer.encode, prompt, add_special_tokens=True)
+            else:
+                ids = list(prompt)
+                _check_ids(ids, engine.tokenizer.vocab_size, "input_ids")
+            check_context(len(ids), params.max_tokens, engine.max_model_len)
+            token_lists.append(ids)
         rid = req.rid or new_id("gen")
-        gen = await start_generation(engine, self.state.metrics, ids, params, rid)
-        choices = [_NativeChoice() for _ in range(params.n)]
+        gens: list[Generation] = []
+        try:
+            for k, ids in enumerate(token_lists):
+                self.state.admit()
+                gen_id = f"{rid}-{k}" if batched else rid
+                gens.append(await start_generation(engine, self.state.metrics, ids, params, gen_id))
+        except BaseException:
+            for g in gens:
+                await g.close()
+            raise
+        choices = [[_NativeChoice() for _ in range(params.n)] for _ in gens]
         if req.stream:
-            return sse_response(self._stream(gen, choices, req.return_logprob))
-        body = await until_disconnect(http_request, self._complete(gen, choices, req.return_logprob))
-        return JSONResponse(body)
+            return sse_response(self._stream(gens, choices, req.return_logprob))
+        bodies = await until_disconnect(http_request, self._complete(gens, choices, req.return_logprob))
+        return JSONResponse(bodies if batched or params.n > 1 else bodies[0])
+
+    @staticmethod
+    def _prompts(req: GenerateRequest) -> tuple[list[str | list[int]], bool]:
+        """The prompts and whether the request is a batch (a list of texts or of token-id lists)."""
+        if req.text is not None:
+            if isinstance(req.text, list):
+                if not req.text:
+                    raise bad_request("text must not be an empty list", param="text")
+                return list(req.text), True
+            return [req.text], False
+        ids = req.input_ids or []
+        if ids and isinstance(ids[0], list):
+            return list(ids), True  # type: ignore[arg-type]
+        return [ids], False  # type: ignore[list-item]
 
     @staticmethod
     def _apply(choices: list[_NativeChoice], out: Any) -> list[int]:
@@ -99,33 +128,44 @@ class NativeService:
             touched.append(c.index)
         return touched
 
-    def _body(self, st: _NativeChoice, index: int, rid: str, prompt_tokens: int, with_lp: bool) -> dict[str, Any]:
+    @staticmethod
+    def _body(st: _NativeChoice, index: int, rid: str, prompt_tokens: int, with_lp: bool) -> dict[str, Any]:
         return {"index": index, "text": st.text, "output_ids": st.ids, "meta_info": st.meta(rid, prompt_tokens, with_lp)}
 
-    async def _complete(self, gen: Generation, choices: list[_NativeChoice], with_lp: bool) -> Any:
-        prompt_tokens = 0
+    async def _complete(self, gens: list[Generation], choices: list[list[_NativeChoice]], with_lp: bool) -> list[dict]:
+        prompt_tokens = [0] * len(gens)
         try:
-            async for out in gen:
-                prompt_tokens = out.num_prompt_tokens
-                self._apply(choices, out)
+            async for k, out in merge_generations(gens):
+                prompt_tokens[k] = out.num_prompt_tokens
+                self._apply(choices[k], out)
         finally:
-            await gen.close()
-        bodies = [self._body(st, i, gen.request_id, prompt_tokens, with_lp) for i, st in enumerate(choices)]
-        return bodies[0] if len(bodies) == 1 else bodies
+            for g in gens:
+                await g.close()
+        n = len(choices[0])
+        return [
+            self._body(st, k * n + i, gens[k].request_id, prompt_tokens[k], with_lp)
+            for k in range(len(gens))
+            for i, st in enumerate(choices[k])
+        ]
 
-    async def _stream(self, gen: Generation, choices: list[_NativeChoice], with_lp: bool) -> AsyncIterator[bytes]:
-        # SGLang streams the cumulative state of a choice in each event.
+    async def _stream(
+        self, gens: list[Generation], choices: list[list[_NativeChoice]], with_lp: bool
+    ) -> AsyncIterator[bytes]:
+        # SGLang streams the cumulative state of a choice in each event; `index` = prompt * n + choice.
+        n = len(choices[0])
         try:
-            async for out in gen:
-                for i in self._apply(choices, out):
-                    yield sse_event(self._body(choices[i], i, gen.request_id, out.num_prompt_tokens, with_lp))
+            async for k, out in merge_generations(gens):
+                for i in self._apply(choices[k], out):
+                    body = self._body(choices[k][i], k * n + i, gens[k].request_id, out.num_prompt_tokens, with_lp)
+                    yield sse_event(body)
             yield SSE_DONE
         except Exception as exc:  # headers are sent: the error can only travel in the stream
-            logger.exception("generation %s failed mid-stream", gen.request_id)
+            logger.exception("generation %s failed mid-stream", gens[0].request_id)
             yield sse_event(APIError(500, f"generation failed: {type(exc).__name__}", type="server_error").body())
             yield SSE_DONE
         finally:
-            await gen.close()
+            for g in gens:
+                await g.close()
 
     async def tokenize(self, raw: bytes) -> Response:
         req = parse_body(TokenizeRequest, raw)
