@@ -39,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="OpenAI-compatible LLM server in JAX. Flags override values from --config.",
     )
     S = argparse.SUPPRESS  # unset flags stay absent, so the YAML file and the dataclass defaults apply
-    p.add_argument("--config", default=None, help="YAML preset, e.g. configs/cpu.yaml")
+    p.add_argument("--config", default=None, help="YAML file, or a preset name: cpu, gpu, tpu (configs/NAME.yaml)")
     p.add_argument("--model", default=S, help="HF model directory or .gguf file (default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--host", default=S, help="bind address (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=S, help="port (default 30000; 0 picks a free one)")
@@ -64,12 +64,25 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+PRESET_DIR = Path(__file__).resolve().parents[1] / "configs"
+
+
+def resolve_config_path(value: str) -> Path:
+    """A YAML path, or the name of a shipped preset (`cpu`, `gpu`, `tpu`: configs/NAME.yaml)."""
+    file = Path(value)
+    if file.is_file():
+        return file
+    preset = PRESET_DIR / f"{value}.yaml"
+    if "/" not in value and not value.endswith((".yaml", ".yml")) and preset.is_file():
+        return preset
+    presets = sorted(p.stem for p in PRESET_DIR.glob("*.yaml")) if PRESET_DIR.is_dir() else []
+    raise ValueError(f"config file {value} does not exist" + (f" (presets: {', '.join(presets)})" if presets else ""))
+
+
 def _load_yaml(path: str) -> dict[str, Any]:
     import yaml
 
-    file = Path(path)
-    if not file.is_file():
-        raise ValueError(f"config file {path} does not exist")
+    file = resolve_config_path(path)
     data = yaml.safe_load(file.read_text()) or {}
     if not isinstance(data, dict):
         raise ValueError(f"config file {path} must hold a mapping of option: value")

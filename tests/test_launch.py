@@ -36,9 +36,10 @@ def test_api_key_from_environment_and_flag_wins():
 
 
 @pytest.mark.parametrize("name", ["cpu", "gpu", "tpu"])
-def test_shipped_presets_parse(name):
-    cfg = parse_config(["--config", str(REPO / "configs" / f"{name}.yaml")], environ={})
-    assert cfg.port == 30000
+def test_shipped_presets_parse_by_path_and_by_name(name):
+    by_path = parse_config(["--config", str(REPO / "configs" / f"{name}.yaml")], environ={})
+    assert by_path.port == 30000
+    assert parse_config(["--config", name], environ={}) == by_path
 
 
 def test_bad_configuration_is_reported_with_exit_code_2(tmp_path, capsys):
@@ -49,6 +50,8 @@ def test_bad_configuration_is_reported_with_exit_code_2(tmp_path, capsys):
     assert main(["--page-size", "7"]) == 2
     assert "page_size" in capsys.readouterr().err
     assert main(["--config", str(tmp_path / "missing.yaml")]) == 2
+    assert main(["--config", "nosuchpreset"]) == 2
+    assert "presets: cpu, gpu, tpu" in capsys.readouterr().err
 
 
 def test_port_in_use_is_a_clear_error():
