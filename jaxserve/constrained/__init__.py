@@ -1,0 +1,12 @@
+"""Constrained decoding: regex / JSON schema -> byte DFA -> per-state token masks on the device.
+
+Modules (host side is NumPy; only `tables` touches JAX):
+  vocab.py         token id -> exact bytes; VocabInfo (bytes, EOS ids, logit width, trie, fingerprint)
+  regex_parser.py  Python regex syntax -> IR over code points (and IR -> portable regex text)
+  regex_dfa.py     IR -> minimal byte-level DFA (UTF-8 expansion, subset construction, Moore refinement)
+  json_schema.py   JSON schema / json_object -> regex
+  token_walk.py    DFA x vocabulary -> TokenTable (vectorized trie walk)
+  token_table.py   TokenTable (mask, next states, forced tokens) and sample walks
+  compiler.py      compile_constraint + ConstraintCompiler (thread-safe LRU cache)
+  tables.py        GrammarPool (device mask rows) and the jittable apply_token_mask
+"""
