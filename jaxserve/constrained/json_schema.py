@@ -257,11 +257,11 @@ class _Converter:
             if key in schema and not self.harmless(schema, key):
                 raise ValueError(f"unsupported keyword {key!r}")
         if "const" in schema:
-            return self.enum(schema, [schema["const"]])
+            return self.enum(schema, [schema["const"]], depth)
         if "enum" in schema:
             if not isinstance(schema["enum"], list):
                 raise ValueError("enum must be an array")
-            return self.enum(schema, schema["enum"])
+            return self.enum(schema, schema["enum"], depth)
         branches = None
         for key in ("anyOf", "oneOf"):
             if key in schema:
@@ -345,21 +345,21 @@ class _Converter:
             return self.object(schema, depth)
         return self.array(schema, depth)
 
-    def enum(self, schema: dict, values: list) -> str:
+    def enum(self, schema: dict, values: list, depth: int) -> str:
         if len(values) > self.options.max_enum_values:
             raise ValueError("schema too complex: enum has too many values")
-        allowed_types = self.types(schema) if "type" in schema else list(_TYPES)
-        parts = []
-        for v in values:
-            if _json_type(v) in allowed_types or (_json_type(v) == "integer" and "number" in allowed_types):
-                sep = (",", ":")
-                parts.append(_literal(json.dumps(v, ensure_ascii=False, separators=sep)))
-        if any(k in schema for k in ("pattern", "minLength", "maxLength", "minimum", "maximum", "properties",
-                                     "items", "format", "exclusiveMinimum", "exclusiveMaximum")):
-            raise ValueError("unsupported keyword 'enum' combined with other value constraints")
         if self.ws and any(isinstance(v, (dict, list)) and v for v in values):
             raise ValueError("unsupported keyword 'enum' with object/array values and whitespace")
-        return _alt(parts)
+        texts = [json.dumps(v, ensure_ascii=False, separators=(",", ":")) for v in values]
+        rest = {k: v for k, v in schema.items() if k not in ("enum", "const") and k not in _ANNOTATIONS}
+        if rest:
+            # Other keywords also apply: keep the values that their (conservative) regex admits.
+            try:
+                others = re.compile(self.value(rest, depth))
+            except _Never:
+                raise
+            texts = [t for t in texts if others.fullmatch(t)]
+        return _alt([_literal(t) for t in texts])
 
     def alternatives(self, schema: dict, key: str, depth: int) -> list[str]:
         subs = schema[key]
