@@ -126,3 +126,12 @@ def test_vocab_info_validates_its_input():
         VocabInfo.from_token_bytes([b"a", b"b"], eos_token_ids=[0], vocab_width=1)
     with pytest.raises(ValueError, match="EOS"):
         VocabInfo.from_token_bytes([b"a", b"b"], eos_token_ids=[5])
+
+
+def test_size_limits_raise_too_complex(vocab):
+    from jaxserve.constrained.compiler import CompilerOptions
+
+    with pytest.raises(ValueError, match="too complex"):
+        compile_constraint("regex", "[a-z]{40}", vocab, CompilerOptions(max_table_states=20))
+    with pytest.raises(ValueError, match="too complex"):
+        compile_constraint("regex", "[^\"]*", vocab, CompilerOptions(max_table_pairs=1000))

@@ -13,7 +13,7 @@ from jaxserve.constrained.json_schema import JsonSchemaOptions, json_object_rege
 from jaxserve.constrained.regex_dfa import DfaLimits, compile_dfa
 from jaxserve.constrained.regex_parser import parse_regex
 from jaxserve.constrained.token_table import TokenTable
-from jaxserve.constrained.token_walk import build_token_table
+from jaxserve.constrained.token_walk import DEFAULT_MAX_PAIRS, build_token_table
 from jaxserve.constrained.vocab import VocabInfo
 
 CONSTRAINT_KINDS = ("regex", "json_schema", "json_object")
@@ -24,6 +24,8 @@ class CompilerOptions:
     limits: DfaLimits = DfaLimits()
     json: JsonSchemaOptions = JsonSchemaOptions()
     cache_entries: int = 256
+    max_table_states: int = 8192  # rows one grammar may take in the device pool
+    max_table_pairs: int = DEFAULT_MAX_PAIRS
 
 
 def constraint_regex(kind: str, spec: str, options: CompilerOptions = CompilerOptions()) -> str:
@@ -42,7 +44,10 @@ def compile_constraint(kind: str, spec: str, vocab: VocabInfo,
     """Compile without caching. `spec`: the regex, the JSON schema (text or dict), or ignored for json_object."""
     regex = constraint_regex(kind, spec, options)
     dfa = compile_dfa(parse_regex(regex), options.limits)
-    return build_token_table(dfa, vocab, key=_cache_key(kind, spec, vocab))
+    if dfa.num_states > options.max_table_states:
+        raise ValueError(f"constraint too complex: {dfa.num_states} automaton states "
+                         f"(limit {options.max_table_states})")
+    return build_token_table(dfa, vocab, key=_cache_key(kind, spec, vocab), max_pairs=options.max_table_pairs)
 
 
 def _cache_key(kind: str, spec, vocab: VocabInfo) -> tuple:

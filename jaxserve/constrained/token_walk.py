@@ -61,8 +61,14 @@ def _successor_chains(trans: np.ndarray, max_len: int) -> tuple[np.ndarray, np.n
     return chain[:n], follow[:n]
 
 
-def walk_vocabulary(dfa: ByteDfa, vocab: VocabInfo) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Every (state, token, next_state) with the token's bytes leading from state to a live state."""
+DEFAULT_MAX_PAIRS = 20_000_000  # allowed (state, token) pairs of one constraint: bounds time and memory
+
+
+def walk_vocabulary(dfa: ByteDfa, vocab: VocabInfo,
+                    max_pairs: int = DEFAULT_MAX_PAIRS) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Every (state, token, next_state) with the token's bytes leading from state to a live state.
+
+    Raises ValueError("... too complex ...") when there would be more than `max_pairs`."""
     trie = vocab.trie
     trans = dfa.transitions
     num_states = dfa.num_states
@@ -104,6 +110,8 @@ def walk_vocabulary(dfa: ByteDfa, vocab: VocabInfo) -> tuple[np.ndarray, np.ndar
             origin, node, cur = origin[owner[keep]], child[keep], nxt[keep].astype(np.int64)
     if out_origin:
         lo, hi = np.concatenate(out_lo), np.concatenate(out_hi)
+        if int((hi - lo).sum()) > max_pairs:
+            raise ValueError(f"constraint too complex: more than {max_pairs} allowed (state, token) pairs")
         owner, string = _expand(lo, hi - lo)
         cur = np.concatenate(out_cur)[owner]
         state = chain[cur, trie.string_lengths[string] - np.concatenate(out_depth)[owner]]
@@ -127,8 +135,9 @@ def _drop_dead_ends(origin, token, nxt, accepting, num_states):
         origin, token, nxt = origin[~bad], token[~bad], nxt[~bad]
 
 
-def build_token_table(dfa: ByteDfa, vocab: VocabInfo, key: tuple) -> TokenTable:
-    origin, token, nxt = walk_vocabulary(dfa, vocab)
+def build_token_table(dfa: ByteDfa, vocab: VocabInfo, key: tuple,
+                      max_pairs: int = DEFAULT_MAX_PAIRS) -> TokenTable:
+    origin, token, nxt = walk_vocabulary(dfa, vocab, max_pairs)
     num_states = dfa.num_states
     origin, token, nxt = _drop_dead_ends(origin, token, nxt, dfa.accepting, num_states)
     if not dfa.accepting[dfa.start] and not np.any(origin == dfa.start):
