@@ -124,18 +124,27 @@ class ModelConfig:
         return dataclasses.replace(self, **kw)
 
 
+# What an unconfigured start uses. On CPU (2 cores, a laptop) a modest context and batch keep start-up
+# compilation short; accelerators get the sizes serving needs.
+PLATFORM_DEFAULTS = {
+    "cpu": {"max_model_len": 2048, "max_running_requests": 16, "max_num_batched_tokens": 256},
+    "accelerator": {"max_model_len": 8192, "max_running_requests": 128, "max_num_batched_tokens": 2048},
+}
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     """Limits and shapes of the engine. Shape buckets are what the runner precompiles at start-up."""
 
     model: str | None = None  # HF directory or .gguf file; None = the embedded default model
     dtype: str = "auto"  # auto (float32 on CPU, bfloat16 on GPU/TPU) | float32 | bfloat16
-    max_model_len: int | None = None  # None: min(model's max positions, 8192)
+    # None = a default for the platform (see `platform_defaults`): a CPU start compiles far fewer shapes.
+    max_model_len: int | None = None  # capped by the model's max positions
     page_size: int = 16
     num_pages: int | None = None  # None: derived from kv_memory_fraction (accelerators) or max_model_len
     kv_memory_fraction: float = 0.5
-    max_running_requests: int = 64
-    max_num_batched_tokens: int = 512  # chunked-prefill budget per step
+    max_running_requests: int | None = None
+    max_num_batched_tokens: int | None = None  # chunked-prefill budget per step
     max_queued_requests: int = 1024
     attention_backend: str = "auto"  # auto | reference | pallas
     tp_size: int = 1
@@ -146,10 +155,17 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if self.page_size not in (8, 16, 32, 64, 128):
             raise ValueError(f"page_size must be one of 8, 16, 32, 64, 128, got {self.page_size}")
-        if self.max_running_requests < 1:
+        if self.max_running_requests is not None and self.max_running_requests < 1:
             raise ValueError("max_running_requests must be >= 1")
-        if self.max_num_batched_tokens < 16:
+        if self.max_num_batched_tokens is not None and self.max_num_batched_tokens < 16:
             raise ValueError("max_num_batched_tokens must be >= 16")
+        if self.max_model_len is not None and self.max_model_len < 16:
+            raise ValueError("max_model_len must be >= 16")
+
+    def with_platform_defaults(self, platform: str) -> "EngineConfig":
+        """Fill the fields left as None with the defaults of `platform` ("cpu", "gpu", "tpu")."""
+        d = PLATFORM_DEFAULTS["cpu" if platform == "cpu" else "accelerator"]
+        return dataclasses.replace(self, **{k: v for k, v in d.items() if getattr(self, k) is None})
         if self.attention_backend not in ("auto", "reference", "pallas"):
             raise ValueError(f"attention_backend must be auto, reference or pallas, got {self.attention_backend!r}")
         if self.dtype not in ("auto", "float32", "bfloat16"):

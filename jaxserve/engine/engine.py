@@ -41,7 +41,6 @@ from jaxserve.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MAX_MODEL_LEN = 8192
 PLACEHOLDER = -1  # an output token sampled by a step whose result the host has not read yet
 CPU_KV_BYTES_CAP = 4 << 30
 
@@ -95,6 +94,8 @@ class LLMEngine:
         if config.tp_size != 1:
             raise ValueError("tensor parallelism (tp_size > 1) is not implemented yet; use --tp-size 1")
         platform = jax.devices()[0].platform
+        requested_len = config.max_model_len
+        config = self.config = config.with_platform_defaults(platform)
         self.dtype = resolve_dtype(config.dtype, platform)
         if parts is None:
             files = resolve_model(config.model)
@@ -103,10 +104,9 @@ class LLMEngine:
         self.model_config: ModelConfig = parts.config
         self.tokenizer = parts.tokenizer
         cfg = self.model_config
-        limit = cfg.max_position_embeddings
-        self.max_model_len = min(config.max_model_len or min(limit, DEFAULT_MAX_MODEL_LEN), limit)
-        if config.max_model_len and config.max_model_len > limit:
-            raise ValueError(f"max_model_len {config.max_model_len} exceeds the model's {limit} positions")
+        if requested_len is not None and requested_len > cfg.max_position_embeddings:
+            raise ValueError(f"max_model_len {requested_len} exceeds the model's {cfg.max_position_embeddings} positions")
+        self.max_model_len = min(config.max_model_len, cfg.max_position_embeddings)
         self.end_token_ids = tuple(sorted(set(cfg.eos_token_ids) | set(self.tokenizer.eos_token_ids)))
         num_pages = self._num_pages(platform)
         self.allocator = PageAllocator(num_pages)

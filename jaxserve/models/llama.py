@@ -155,6 +155,7 @@ class LlamaModel(nn.Module):
     cfg: ModelConfig
     dtype: Any
     cache_ops: Any
+    scan_unroll: int = 1  # layers per scan iteration
 
     @nn.compact
     def __call__(self, tokens, positions, cache, meta, logits_index=None):
@@ -178,6 +179,7 @@ class LlamaModel(nn.Module):
             split_rngs={"params": True},
             in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
             length=cfg.num_layers,
+            unroll=self.scan_unroll,
         )(cfg, self.dtype, self.cache_ops, name="layers")
         (x, cache, _), _ = layers((x, cache, jnp.int32(0)), cos, sin, meta)
         if logits_index is not None:
