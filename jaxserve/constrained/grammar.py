@@ -14,14 +14,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from jaxserve.constrained.token_table import TokenTable, distance_to_accept
+from jaxserve.constrained.token_table import TokenTable
 
 
 @dataclass(frozen=True, eq=False)
 class Grammar:
     table: TokenTable  # the compiled constraint (host-side next-state lookups)
     pool_table: TokenTable  # same key, mask = [normal rows; closing rows], what the device pool holds
-    distance: np.ndarray  # int64 [S] fewest tokens to an accepting state
+    distance: np.ndarray  # int64 [S] fewest tokens to an accepting state (huge where none is reachable)
     worst_next: np.ndarray  # int64 [S] largest distance after one allowed non-end token (-1: none)
 
     @property
@@ -65,8 +65,32 @@ def closing_mask(table: TokenTable, distance: np.ndarray) -> np.ndarray:
     return out
 
 
+def token_distance(table: TokenTable) -> np.ndarray:
+    """int64 [S]: fewest tokens from each state to an accepting state (breadth-first search backwards over
+    the distinct state -> state edges of the token table)."""
+    num_states = table.num_states
+    src = np.repeat(np.arange(num_states, dtype=np.int64), np.diff(table.indptr))
+    pairs = np.unique(src * num_states + table.next_states.astype(np.int64))
+    pair_src, pair_dst = np.divmod(pairs, num_states)
+    order = np.argsort(pair_dst, kind="stable")
+    preds = pair_src[order]
+    starts = np.searchsorted(pair_dst[order], np.arange(num_states + 1))
+    big = np.iinfo(np.int64).max // 4
+    dist = np.full(num_states, big, np.int64)
+    frontier = np.flatnonzero(table.accepting)
+    dist[frontier] = 0
+    level = 0
+    while frontier.size:
+        level += 1
+        cand = np.concatenate([preds[starts[s]:starts[s + 1]] for s in frontier]) if frontier.size else frontier
+        cand = np.unique(cand)
+        frontier = cand[dist[cand] == big]
+        dist[frontier] = level
+    return dist
+
+
 def make_grammar(table: TokenTable) -> Grammar:
-    distance = distance_to_accept(table)
+    distance = token_distance(table)
     both = np.concatenate([table.mask, closing_mask(table, distance)])
     pool_table = dataclasses.replace(table, mask=both)
     src = np.repeat(np.arange(table.num_states), np.diff(table.indptr))
