@@ -24,6 +24,7 @@ def _table(key, allowed_per_state, vocab_width=70):
     return TokenTable(
         key=key, vocab_width=vocab_width, start_state=0, mask=mask,
         indptr=np.zeros(s + 1, np.int64), next_tokens=np.zeros(0, np.int32), next_states=np.zeros(0, np.int32),
+        transitions=np.full((s, 256), -1, np.int32), token_bytes=(),
         accepting=np.zeros(s, bool), finished=np.zeros(s, bool), forced_token=np.full(s, -1, np.int32),
         eos_token_ids=(),
     )
