@@ -51,7 +51,8 @@ def decode_step_overhead(engine: LLMEngine, context: int, iters: int = 20) -> di
     """Median engine decode step at batch 1 vs a bare jitted forward [1, 1] over a contiguous cache."""
     cfg = engine.model_config
     params = engine.runner.params
-    fwd = jax.jit(make_forward(cfg, engine.dtype, ContiguousCacheOps(cfg.head_dim**-0.5)), donate_argnums=(3,))
+    fwd = jax.jit(make_forward(cfg, engine.dtype, ContiguousCacheOps(cfg.head_dim**-0.5),
+                               scan_layers=engine.runner.scan_layers), donate_argnums=(3,))
     kv_dtype = jnp.float32 if engine.dtype == "float32" else jnp.bfloat16
     cache = init_contiguous_cache(cfg, 1, context + iters + 8, kv_dtype)
     bare = []

@@ -150,6 +150,7 @@ class EngineConfig:
     tp_size: int = 1
     compilation_cache_dir: str | None = "auto"  # "auto" = cache_dir()/xla; None disables
     seed: int = 0
+    layer_loop: str = "auto"  # auto (a Python loop on CPU, lax.scan elsewhere) | scan | loop
     grammar_capacity_states: int = 16384  # rows of the device grammar mask pool (vocab/8 bytes each)
 
     def __post_init__(self) -> None:
@@ -168,6 +169,8 @@ class EngineConfig:
         return dataclasses.replace(self, **{k: v for k, v in d.items() if getattr(self, k) is None})
         if self.attention_backend not in ("auto", "reference", "pallas"):
             raise ValueError(f"attention_backend must be auto, reference or pallas, got {self.attention_backend!r}")
+        if self.layer_loop not in ("auto", "scan", "loop"):
+            raise ValueError(f"layer_loop must be auto, scan or loop, got {self.layer_loop!r}")
         if self.dtype not in ("auto", "float32", "bfloat16"):
             raise ValueError(f"dtype must be auto, float32 or bfloat16, got {self.dtype!r}")
         if not 0.0 < self.kv_memory_fraction <= 0.95:

@@ -23,6 +23,7 @@ from jaxserve.engine.kv_cache import PagedKVCache, init_paged_cache
 from jaxserve.engine.scheduler import PrefillChunk
 from jaxserve.engine.request import Sequence
 from jaxserve.models.forward import make_forward
+from jaxserve.models.llama import unstack_layers
 from jaxserve.sampling.batch import SamplingBatch, SamplingRow, build_sampling_batch
 from jaxserve.sampling.penalties import PenaltyState, add_prompt_tokens, init_penalty_state, reset_slots
 from jaxserve.sampling.sampler import SampleOutput, sample
@@ -180,7 +181,11 @@ class ModelRunner:
             engine_config.attention_backend, self.platform, interpret=interpret_kernels
         )
         cache_ops = PagedCacheOps(attend, model_config.head_dim**-0.5, model_config.sliding_window)
-        forward = make_forward(model_config, dtype, cache_ops)
+        loop = engine_config.layer_loop
+        self.scan_layers = loop == "scan" or (loop == "auto" and self.platform != "cpu")
+        if not self.scan_layers:
+            params = unstack_layers(params, model_config.num_layers)
+        forward = make_forward(model_config, dtype, cache_ops, scan_layers=self.scan_layers)
         # Two programs per step: the forward is compiled per (rows, tokens, pages) bucket, the sampler only
         # per row count, so compile time grows with the bucket grid far more slowly. Both are dispatched
         # asynchronously; the logits never leave the device.

@@ -155,7 +155,10 @@ class LlamaModel(nn.Module):
     cfg: ModelConfig
     dtype: Any
     cache_ops: Any
-    scan_unroll: int = 1  # layers per scan iteration
+    # True: one lax.scan over stacked layer weights (compile time independent of depth; the default on
+    # GPU/TPU). False: a Python loop over per-layer weights, `layers_0` ... : XLA:CPU copies each layer's
+    # slice out of stacked weights before its matmuls, which makes a batch-1 decode step ~3x slower there.
+    scan_layers: bool = True
 
     @nn.compact
     def __call__(self, tokens, positions, cache, meta, logits_index=None):
@@ -173,15 +176,19 @@ class LlamaModel(nn.Module):
         )
         x = embed(tokens)
         cos, sin = rope_cos_sin(cfg, positions)
-        layers = nn.scan(
-            DecoderLayer,
-            variable_axes={"params": 0},
-            split_rngs={"params": True},
-            in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
-            length=cfg.num_layers,
-            unroll=self.scan_unroll,
-        )(cfg, self.dtype, self.cache_ops, name="layers")
-        (x, cache, _), _ = layers((x, cache, jnp.int32(0)), cos, sin, meta)
+        if self.scan_layers:
+            layers = nn.scan(
+                DecoderLayer,
+                variable_axes={"params": 0},
+                split_rngs={"params": True},
+                in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
+                length=cfg.num_layers,
+            )(cfg, self.dtype, self.cache_ops, name="layers")
+            (x, cache, _), _ = layers((x, cache, jnp.int32(0)), cos, sin, meta)
+        else:
+            for i in range(cfg.num_layers):
+                layer = DecoderLayer(cfg, self.dtype, self.cache_ops, name=f"layers_{i}")
+                (x, cache, _), _ = layer((x, cache, jnp.int32(i)), cos, sin, meta)
         if logits_index is not None:
             x = jnp.take_along_axis(x, logits_index[:, None, None].astype(jnp.int32), axis=1)[:, 0]
         x = RMSNorm(cfg.rms_norm_eps, self.dtype, name="norm")(x)
@@ -190,6 +197,14 @@ class LlamaModel(nn.Module):
         else:
             logits = _dense(cfg.vocab_size, False, self.dtype, "lm_head")(x)
         return logits.astype(jnp.float32), cache
+
+
+def unstack_layers(params: dict[str, Any], num_layers: int) -> dict[str, Any]:
+    """Stacked `layers` (the scan layout) -> per-layer `layers_0` ... (the loop layout)."""
+    out = {k: v for k, v in params.items() if k != "layers"}
+    for i in range(num_layers):
+        out[f"layers_{i}"] = jax.tree.map(lambda a: a[i], params["layers"])
+    return out
 
 
 def dtype_of(name: str) -> Any:
