@@ -67,6 +67,11 @@ def main() -> None:
             raw = json.loads(f.read_text())
             schema = raw.get("json_schema", raw) if isinstance(raw, dict) else raw
             try:
+                jsonschema.validators.validator_for(schema).check_schema(schema)
+            except jsonschema.SchemaError:
+                reasons["invalid schema"] += 1  # the file itself is not a valid JSON schema
+                continue
+            try:
                 table = compile_constraint("json_schema", json.dumps(schema), vocab)
             except ValueError as e:
                 reasons[reason_of(e)] += 1

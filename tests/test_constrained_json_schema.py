@@ -171,3 +171,10 @@ def test_recursion_is_bounded():
     rx = json_schema_to_regex(schema, JsonSchemaOptions(max_ref_depth=2))
     assert re.fullmatch(rx, '{"kids":[{"kids":[]}]}')
     assert not re.fullmatch(rx, '{"kids":[{"kids":[{"kids":[]}]}]}')
+
+
+def test_anchor_refs_are_rejected_not_misresolved():
+    schema = {"definitions": {"n": {"id": "#n", "type": "integer"}}, "properties": {"a": {"$ref": "#n"}},
+              "required": ["a"]}
+    with pytest.raises(ValueError, match=r"\$ref"):
+        json_schema_to_regex(schema)

@@ -210,8 +210,9 @@ class _Converter:
         return f"{self.ws}{_literal(ch)}{self.ws}" if self.ws else _literal(ch)
 
     def resolve(self, ref: str):
-        if not isinstance(ref, str) or not ref.startswith("#"):
-            raise ValueError(f"unsupported $ref {ref!r}: only local references (#/...) are supported")
+        if not isinstance(ref, str) or not (ref == "#" or ref.startswith("#/")):
+            # Remote documents and "#name" anchors (resolved through `id`/`$anchor`) are not followed.
+            raise ValueError(f"unsupported $ref {ref!r}: only local JSON-pointer references (#/...) are supported")
         node = self.root
         for raw in ref[1:].split("/")[1:] if ref != "#" else []:
             part = raw.replace("~1", "/").replace("~0", "~")
