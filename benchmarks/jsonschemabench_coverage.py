@@ -40,6 +40,8 @@ def reason_of(err: Exception) -> str:
     m = re.search(r"keyword '([^']+)'", msg)
     if m:
         return m.group(1)
+    if msg.startswith("unsupported $ref"):
+        return "$ref"
     if "too complex" in msg:
         return "too complex"
     return msg[:60]
