@@ -1,0 +1,102 @@
+"""JSONSchemaBench through the engine: for every schema that compiles, one sample from the tiny random model
+(temperature 1, so the constraint does all the work) must validate with `jsonschema`. Prints a JSON line last.
+
+    python benchmarks/jsonschemabench_engine.py [--data DIR] [--limit N] [--max-tokens 384]
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import pathlib
+import tempfile
+import time
+
+import jsonschema
+
+from jaxserve.config import EngineConfig
+from jaxserve.engine.engine import LLMEngine
+from jaxserve.models.default import default_model_path
+from jaxserve.models.testing import make_tiny_model
+from jaxserve.sampling.params import Constraint, SamplingParams
+
+DEFAULT_DATA = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "jsonschemabench"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--data", default=str(DEFAULT_DATA))
+    ap.add_argument("--limit", type=int, default=0, help="schemas per subset (0: all)")
+    ap.add_argument("--max-tokens", type=int, default=384)
+    ap.add_argument("--max-running", type=int, default=64)
+    args = ap.parse_args()
+
+    model_dir = make_tiny_model(tempfile.mkdtemp(prefix="tiny-"), "llama", tokenizer_dir=default_model_path())
+    engine = LLMEngine(EngineConfig(model=str(model_dir), max_running_requests=args.max_running,
+                                    max_num_batched_tokens=512, max_model_len=args.max_tokens + 64,
+                                    grammar_capacity_states=65536))
+    engine.warmup()
+    summary = {}
+    for subset in sorted(p for p in pathlib.Path(args.data).iterdir() if p.is_dir()):
+        files = sorted(subset.glob("*.json"))[: args.limit or None]
+        t0 = time.perf_counter()
+        reasons: collections.Counter = collections.Counter()
+        schemas: dict[str, dict] = {}
+        queue: list[tuple[str, Constraint]] = []
+        for f in files:
+            try:
+                schema = json.loads(f.read_text())
+                jsonschema.validators.validator_for(schema).check_schema(schema)
+            except (json.JSONDecodeError, jsonschema.SchemaError):
+                reasons["invalid schema"] += 1
+                continue
+            constraint = Constraint("json_schema", json.dumps(schema))
+            try:
+                engine.compile_constraint(constraint)
+            except ValueError as e:
+                reasons[str(e)[:50]] += 1
+                continue
+            schemas[f.name] = schema
+            queue.append((f.name, constraint))
+        texts = {name: "" for name, _ in queue}
+        finish: dict[str, str | None] = {}
+        pending = list(queue)
+        while pending or engine.has_work():
+            while pending and len(engine.scheduler.running) + len(engine.scheduler.waiting) < args.max_running:
+                name, constraint = pending[0]
+                try:
+                    engine.add_request(name, [1, 2, 3], SamplingParams(temperature=1.0, seed=len(texts),
+                                       max_tokens=args.max_tokens, constraint=constraint),
+                                       engine.compile_constraint(constraint))
+                except ValueError as e:
+                    if "pool full" not in str(e) or not engine.has_work():
+                        raise
+                    break  # wait for running grammars to finish and free pool rows
+                pending.pop(0)
+            for out in engine.step():
+                for c in out.outputs:
+                    texts[out.request_id] += c.text
+                    if c.finish_reason:
+                        finish[out.request_id] = c.finish_reason
+        invalid, not_stopped = [], []
+        for name, schema in schemas.items():
+            if finish.get(name) != "stop":
+                not_stopped.append(name)
+            try:
+                jsonschema.validate(json.loads(texts[name]), schema)
+            except (json.JSONDecodeError, jsonschema.ValidationError) as e:
+                invalid.append((name, str(e)[:80]))
+        summary[subset.name] = {
+            "total": len(files), "compiled": len(schemas), "coverage": round(len(schemas) / max(len(files), 1), 4),
+            "invalid_outputs": len(invalid), "not_finished_with_stop": len(not_stopped),
+            "seconds": round(time.perf_counter() - t0, 1), "reasons": dict(reasons.most_common(8)),
+            "invalid_examples": invalid[:5],
+        }
+        print(f"{subset.name}: {len(schemas)}/{len(files)} compiled, {len(invalid)} invalid outputs, "
+              f"{len(not_stopped)} not stopped, {summary[subset.name]['seconds']} s", flush=True)
+    print(json.dumps({"bench": "jsonschemabench_engine", "model": "tiny random llama (SmolLM2 vocabulary)",
+                      "max_tokens": args.max_tokens, "subsets": summary}))
+
+
+if __name__ == "__main__":
+    main()
