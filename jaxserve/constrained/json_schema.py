@@ -19,7 +19,6 @@ from jaxserve.constrained.regex_parser import (
     Repeat,
     emit_chars,
     emit_regex,
-    normalize_ranges,
     parse_regex,
     restrict_chars,
 )

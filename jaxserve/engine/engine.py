@@ -12,14 +12,12 @@ import math
 import queue
 import random
 import threading
-import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, AsyncIterator, Iterable
 
 import jax
-import numpy as np
 
 from jaxserve.config import EngineConfig, ModelConfig, cache_dir
 from jaxserve.engine.kv_cache import PageAllocator, kv_bytes_per_page
@@ -31,7 +29,7 @@ from jaxserve.engine.request import (
     TokenLogprob,
 )
 from jaxserve.engine.runner import ModelRunner, PendingResult, StepResult
-from jaxserve.engine.scheduler import PrefillChunk, Scheduler, SchedulerLimits
+from jaxserve.engine.scheduler import Scheduler, SchedulerLimits
 from jaxserve.constrained.grammar import Grammar, make_grammar
 from jaxserve.engine import stops
 from jaxserve.models.loader import load_params, resolve_model
@@ -356,8 +354,6 @@ class LLMEngine:
             return
         seq.output_ids[idx] = token
         self.num_generated_tokens_total += 1
-        if seq.first_token_time is None:
-            seq.first_token_time = time.monotonic()
         if seq.params.logprobs is not None:
             k = seq.params.logprobs
             top = [(int(t), float(lp)) for t, lp in zip(res.top_ids[row][:k], res.top_logprobs[row][:k])]

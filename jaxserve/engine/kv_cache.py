@@ -83,6 +83,3 @@ class PageAllocator:
             self._refs[p] -= 1
             if self._refs[p] == 0:
                 self._free.append(p)
-
-    def refcount(self, page: int) -> int:
-        return self._refs[page]

@@ -74,7 +74,6 @@ class Sequence:
     grammar_offset: int = 0  # first row of this grammar in the device mask pool
     grammar_state: int = 0  # current DFA state (relative to the grammar)
     num_preemptions: int = 0
-    first_token_time: float | None = None
     # n > 1: the first choice (leader) computes the prompt; the others share its pages.
     leader: "Sequence | None" = None
 

@@ -77,9 +77,6 @@ class Buckets:
         max_rows = max(r for r, _ in self.prefill_shapes)
         return tuple(max(t for r, t in self.prefill_shapes if r >= rows) for rows in range(1, max_rows + 1))
 
-    def count(self) -> int:
-        return len(self.decode_rows) * len(self.page_widths) + len(self.prefill_shapes)
-
 
 def _first_at_least(options: Seq[int], n: int) -> int:
     for o in options:
