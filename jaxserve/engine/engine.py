@@ -181,12 +181,10 @@ class LLMEngine:
                 f"the prompt ({len(prompt_ids)} tokens) plus max_tokens ({params.max_tokens}) exceeds this "
                 f"model's context length of {self.max_model_len} tokens"
             )
-        pages_needed = math.ceil(self.max_model_len / self.config.page_size)
-        if pages_needed > self.allocator.num_usable and len(prompt_ids) + (params.max_tokens or room) > self.allocator.num_usable * self.config.page_size:
-            raise ValueError(
-                f"the request needs more KV cache ({len(prompt_ids) + (params.max_tokens or room)} tokens) than "
-                f"the server holds ({self.allocator.num_usable * self.config.page_size} tokens)"
-            )
+        needed = len(prompt_ids) + (params.max_tokens or room)
+        capacity = self.allocator.num_usable * self.config.page_size
+        if needed > capacity:
+            raise ValueError(f"the request needs more KV cache ({needed} tokens) than the server holds ({capacity} tokens)")
         return params.max_tokens if params.max_tokens is not None else room
 
     def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams, grammar=None) -> None:

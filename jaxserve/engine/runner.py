@@ -243,24 +243,23 @@ class ModelRunner:
         return time.perf_counter() - t0
 
     def _run(self, inp: StepInputs) -> tuple[SampleOutput, PagedKVCache]:
-        rows = inp.tokens.shape[0]
-        sample_rows = _first_at_least(self.buckets.sample_rows, rows)
+        sample_rows = inp.sampling.temperature.shape[0]  # built at the sampler's row bucket
         logits, cache, penalty = self._forward(sample_rows, self.params, self.cache, self.penalty, self.last_tokens, inp)
-        inp_sampling = inp.sampling
-        if sample_rows != rows:
-            inp_sampling = build_sampling_batch([], sample_rows)  # inert rows, then the real ones on top
-            inp_sampling = jax.tree.map(lambda pad, real: np.concatenate([real, pad[rows:]]), inp_sampling, inp.sampling)
-        out, self.last_tokens = self._sample(logits, inp_sampling, penalty, self._mask_table_fn(), self.end_ids, self.last_tokens)
+        out, self.last_tokens = self._sample(logits, inp.sampling, penalty, self._mask_table_fn(), self.end_ids, self.last_tokens)
         self.penalty = out.penalty
         return out, cache
 
     # -- building inputs -------------------------------------------------------------------------
+    def _sample_rows(self, rows: int) -> int:
+        """The sampler's row bucket for a batch of `rows` (the sampling batch is built at this size)."""
+        return _first_at_least(self.buckets.sample_rows, rows)
+
     def _empty_inputs(self, rows: int, tokens: int, pages: int) -> StepInputs:
         return self._inputs(
             np.zeros((rows, tokens), np.int32), np.zeros((rows, tokens), np.int32),
             np.zeros((rows, pages), np.int32), np.zeros(rows, np.int32), np.zeros(rows, np.int32),
             np.zeros((rows, tokens), np.int32), np.zeros((rows, tokens), np.int32), np.zeros(rows, np.int32),
-            build_sampling_batch([], rows), np.full(rows, -1, np.int32), np.full(rows, -1, np.int32),
+            build_sampling_batch([], self._sample_rows(rows)), np.full(rows, -1, np.int32), np.full(rows, -1, np.int32),
             np.zeros(rows, np.int32), np.zeros(rows, np.int32), np.full(rows, -1, np.int32),
         )
 
@@ -308,7 +307,7 @@ class ModelRunner:
         none = np.full(rows, -1, np.int32)
         zeros = np.zeros(rows, np.int32)
         inp = self._inputs(tokens, positions, page_table, seq_lens, q_start, slot_page, slot_offset, zeros,
-                           build_sampling_batch(rows_info, rows), none, none, zeros, zeros, token_slot)
+                           build_sampling_batch(rows_info, self._sample_rows(rows)), none, none, zeros, zeros, token_slot)
         return self._dispatch(inp, n)
 
     def run_prefill(self, chunks: list[PrefillChunk], rows_info: list[SamplingRow]) -> "PendingResult":
@@ -343,7 +342,7 @@ class ModelRunner:
             chunk_prompt_len[i] = max(0, min(c.length, len(s.prompt_ids) - c.start))
             chunk_len[i] = c.length
         inp = self._inputs(tokens, positions, page_table, seq_lens, q_start, slot_page, slot_offset, logits_index,
-                           build_sampling_batch(rows_info, rows), reset_slot, chunk_slot, chunk_prompt_len, chunk_len,
+                           build_sampling_batch(rows_info, self._sample_rows(rows)), reset_slot, chunk_slot, chunk_prompt_len, chunk_len,
                            np.full(rows, -1, np.int32))
         return self._dispatch(inp, n)
 
