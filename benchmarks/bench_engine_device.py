@@ -19,6 +19,8 @@ from jaxserve.engine.engine import LLMEngine, ModelParts
 from jaxserve.models.testing import random_params, synthetic_tokenizer
 from jaxserve.sampling.params import SamplingParams
 
+from engine_drive import drive  # benchmarks/ is on sys.path when a script here runs
+
 LLAMA3_8B = ModelConfig(
     family="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_layers=32, num_heads=32,
     num_kv_heads=8, head_dim=128, rms_norm_eps=1e-5, rope_theta=500000.0,
@@ -30,25 +32,10 @@ TINY = LLAMA3_8B.replace(vocab_size=4096, hidden_size=256, intermediate_size=512
 
 def run(engine: LLMEngine, batch: int, prompt_len: int, output_len: int) -> dict:
     params = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True)
+    t0 = time.perf_counter()
     for i in range(batch):
         engine.add_request(f"b{batch}-{i}", [(7 * i + j) % 4000 + 2 for j in range(prompt_len)], params)
-    t0 = time.perf_counter()
-    started: set[str] = set()
-    decode_start = None
-    total = 0
-    while engine.has_work():
-        for out in engine.step():
-            n = sum(len(c.token_ids) for c in out.outputs)
-            total += n
-            if n:
-                started.add(out.request_id)
-        if decode_start is None and len(started) == batch:
-            decode_start, decoded_before = time.perf_counter(), total
-    end = time.perf_counter()
-    decode_tokens = total - decoded_before
-    return {"batch": batch, "output_tokens": total, "seconds": round(end - t0, 3),
-            "output_tok_s": round(total / (end - t0), 1),
-            "decode_tok_s": round(decode_tokens / (end - decode_start), 1) if end > decode_start else None}
+    return {"batch": batch, **drive(engine, batch, t0)}
 
 
 def main() -> None:

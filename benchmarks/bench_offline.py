@@ -23,6 +23,8 @@ from jaxserve.models.contiguous import ContiguousCacheOps, ContiguousMeta, init_
 from jaxserve.models.forward import make_forward
 from jaxserve.sampling.params import SamplingParams
 
+from engine_drive import drive  # benchmarks/ is on sys.path when a script here runs
+
 
 def run_level(engine: LLMEngine, concurrency: int, prompt_len: int, output_len: int, seed: int,
               constraint=None) -> dict:
@@ -36,26 +38,7 @@ def run_level(engine: LLMEngine, concurrency: int, prompt_len: int, output_len: 
     for i in range(concurrency):
         prompt = [rng.randrange(100, 49000) for _ in range(prompt_len)]
         engine.add_request(f"b{concurrency}-{i}", prompt, params, grammar)
-    generated = 0
-    first_token = None
-    started: set[str] = set()
-    decode_t0 = decode_n0 = None
-    while engine.has_work():
-        for out in engine.step():
-            n = sum(len(c.token_ids) for c in out.outputs)
-            generated += n
-            if n:
-                started.add(out.request_id)
-                if first_token is None:
-                    first_token = time.perf_counter() - t0
-        if decode_t0 is None and len(started) == concurrency:
-            decode_t0, decode_n0 = time.perf_counter(), generated  # every prompt is in: decode only from here
-    end = time.perf_counter()
-    elapsed = end - t0
-    decode_tok_s = (generated - decode_n0) / (end - decode_t0) if decode_t0 and end > decode_t0 else None
-    return {"concurrency": concurrency, "output_tokens": generated, "seconds": round(elapsed, 3),
-            "output_tok_s": round(generated / elapsed, 2), "first_token_s": round(first_token or 0.0, 3),
-            "decode_tok_s": round(decode_tok_s, 2) if decode_tok_s else None}
+    return {"concurrency": concurrency, **drive(engine, concurrency, t0)}
 
 
 def decode_step_overhead(engine: LLMEngine, context: int, iters: int = 20) -> dict:
