@@ -146,12 +146,14 @@ class EngineConfig:
     max_running_requests: int | None = None
     max_num_batched_tokens: int | None = None  # chunked-prefill budget per step
     max_queued_requests: int = 1024
-    attention_backend: str = "auto"  # auto | reference | pallas
+    attention_backend: str = "auto"  # auto (xla on CPU, pallas on GPU/TPU) | xla | reference | pallas
     tp_size: int = 1
     compilation_cache_dir: str | None = "auto"  # "auto" = cache_dir()/xla; None disables
     seed: int = 0
     layer_loop: str = "auto"  # auto (a Python loop on CPU, lax.scan elsewhere) | scan | loop
     grammar_capacity_states: int = 16384  # rows of the device grammar mask pool (vocab/8 bytes each)
+    # CPU only: keep freed memory in the malloc heap (engine/host_memory.py); XLA:CPU steps page-fault less.
+    host_malloc_tuning: bool = True
 
     def __post_init__(self) -> None:
         if self.page_size not in (8, 16, 32, 64, 128):
@@ -167,8 +169,8 @@ class EngineConfig:
         """Fill the fields left as None with the defaults of `platform` ("cpu", "gpu", "tpu")."""
         d = PLATFORM_DEFAULTS["cpu" if platform == "cpu" else "accelerator"]
         return dataclasses.replace(self, **{k: v for k, v in d.items() if getattr(self, k) is None})
-        if self.attention_backend not in ("auto", "reference", "pallas"):
-            raise ValueError(f"attention_backend must be auto, reference or pallas, got {self.attention_backend!r}")
+        if self.attention_backend not in ("auto", "xla", "reference", "pallas"):
+            raise ValueError(f"attention_backend must be auto, xla, reference or pallas, got {self.attention_backend!r}")
         if self.layer_loop not in ("auto", "scan", "loop"):
             raise ValueError(f"layer_loop must be auto, scan or loop, got {self.layer_loop!r}")
         if self.dtype not in ("auto", "float32", "bfloat16"):

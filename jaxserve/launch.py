@@ -54,7 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-num-batched-tokens", "--chunked-prefill-size", dest="max_num_batched_tokens", type=int,
                    default=S, help="token budget per engine step (chunked prefill)")
     p.add_argument("--max-queued-requests", type=int, default=S, help="waiting requests before answering 503")
-    p.add_argument("--attention-backend", choices=["auto", "reference", "pallas"], default=S)
+    p.add_argument("--attention-backend", choices=["auto", "xla", "reference", "pallas"], default=S,
+                   help="auto: xla (pure JAX tuned for XLA:CPU) on CPU, our Pallas kernels on GPU/TPU")
     p.add_argument("--tp-size", "--tp", dest="tp_size", type=int, default=S, help="tensor-parallel devices")
     p.add_argument("--seed", type=int, default=S)
     p.add_argument("--api-key", default=S, help="require `Authorization: Bearer KEY` (default: $JAXSERVE_API_KEY)")

@@ -1,4 +1,5 @@
-"""The pure-JAX paged attention reference against a naive float64 NumPy attention."""
+"""The pure-JAX paged attention implementations (the reference and the XLA:CPU-tuned one) against a naive
+float64 NumPy attention."""
 from __future__ import annotations
 
 import jax
@@ -7,7 +8,10 @@ import numpy as np
 import pytest
 
 from pallas_kernels.reference import paged_attention_reference
+from pallas_kernels.xla_attention import paged_attention_xla
 from pallas_kernels.testing import make_problem, max_relative_error, naive_dense_attention, query_validity
+
+IMPLS = [pytest.param(paged_attention_reference, id="reference"), pytest.param(paged_attention_xla, id="xla")]
 
 CASES = [
     # (seq_lens, q_lens, heads, kv_heads, head_dim, page_size, soft_cap, window)
@@ -19,8 +23,9 @@ CASES = [
 ]
 
 
+@pytest.mark.parametrize("attention", IMPLS)
 @pytest.mark.parametrize("seq_lens,q_lens,heads,kv_heads,head_dim,page_size,soft_cap,window", CASES)
-def test_reference_matches_naive_attention(seq_lens, q_lens, heads, kv_heads, head_dim, page_size, soft_cap, window):
+def test_matches_naive_attention(attention, seq_lens, q_lens, heads, kv_heads, head_dim, page_size, soft_cap, window):
     rng = np.random.default_rng(sum(seq_lens) + heads)
     problem = make_problem(
         rng, seq_lens=seq_lens, q_lens=q_lens, num_heads=heads, num_kv_heads=kv_heads,
@@ -29,7 +34,7 @@ def test_reference_matches_naive_attention(seq_lens, q_lens, heads, kv_heads, he
     scale = head_dim ** -0.5
     expected = naive_dense_attention(problem, scale=scale, soft_cap=soft_cap, sliding_window=window)
     out = jax.jit(
-        lambda *a: paged_attention_reference(*a, scale=scale, soft_cap=soft_cap, sliding_window=window)
+        lambda *a: attention(*a, scale=scale, soft_cap=soft_cap, sliding_window=window)
     )(*problem.args())
     out = np.asarray(out)
     valid = query_validity(problem)
@@ -38,13 +43,14 @@ def test_reference_matches_naive_attention(seq_lens, q_lens, heads, kv_heads, he
     assert np.all(out[~valid] == 0)
 
 
-def test_reference_all_padding_row_and_bfloat16():
+@pytest.mark.parametrize("attention", IMPLS)
+def test_all_padding_row_and_bfloat16(attention):
     rng = np.random.default_rng(0)
     problem = make_problem(
         rng, seq_lens=[0, 33], q_lens=[0, 2], num_heads=8, num_kv_heads=2, head_dim=64, page_size=16,
         dtype=jnp.bfloat16,
     )
-    out = np.asarray(paged_attention_reference(*problem.args(), scale=0.125), np.float32)
+    out = np.asarray(attention(*problem.args(), scale=0.125), np.float32)
     expected = naive_dense_attention(problem, scale=0.125)
     assert out.dtype == np.float32 and np.all(np.isfinite(out))
     assert np.all(out[0] == 0)
@@ -58,17 +64,32 @@ def test_reference_all_padding_row_and_bfloat16():
         (dict(sliding_window=0), "sliding_window"),
     ],
 )
-def test_reference_rejects_bad_options(kwargs, match):
+@pytest.mark.parametrize("attention", IMPLS)
+def test_rejects_bad_options(attention, kwargs, match):
     problem = make_problem(
         np.random.default_rng(1), seq_lens=[3], q_lens=[1], num_heads=2, num_kv_heads=1, head_dim=8, page_size=4
     )
     with pytest.raises(ValueError, match=match):
-        paged_attention_reference(*problem.args(), scale=1.0, **kwargs)
+        attention(*problem.args(), scale=1.0, **kwargs)
 
 
-def test_reference_rejects_bad_head_ratio():
+@pytest.mark.parametrize("attention", IMPLS)
+def test_rejects_bad_head_ratio(attention):
     problem = make_problem(
         np.random.default_rng(2), seq_lens=[3], q_lens=[1], num_heads=3, num_kv_heads=2, head_dim=8, page_size=4
     )
     with pytest.raises(ValueError, match="multiple of num_kv_heads"):
-        paged_attention_reference(*problem.args(), scale=1.0)
+        attention(*problem.args(), scale=1.0)
+
+
+def test_xla_equals_reference_on_an_engine_decode_batch():
+    """The engine's CPU decode shape: many rows, one query each, a wide page table padded with the null page,
+    the layer index traced (as in the scan over layers)."""
+    rng = np.random.default_rng(7)
+    seq_lens = list(rng.integers(1, 250, size=32))
+    problem = make_problem(rng, seq_lens=seq_lens, q_lens=[1] * 32, num_heads=9, num_kv_heads=3, head_dim=64,
+                           page_size=16, pages_per_row=16, num_layers=3, layer=2)
+    run = jax.jit(lambda f, *a: f(*a, scale=0.125), static_argnums=0)
+    ref = np.asarray(run(paged_attention_reference, *problem.args()))
+    out = np.asarray(run(paged_attention_xla, *problem.args()))
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)

@@ -17,6 +17,8 @@ from jaxserve.engine.kv_cache import PagedKVCache
 
 log = logging.getLogger(__name__)
 
+ATTENTION_BACKENDS = ("auto", "xla", "reference", "pallas")
+
 
 @jax.tree_util.register_dataclass
 @dataclass(frozen=True)
@@ -47,16 +49,20 @@ class PagedCacheOps:
 
 
 def select_attention(backend: str, platform: str, *, interpret: bool = False) -> tuple[Callable[..., jax.Array], str]:
-    """Resolve --attention-backend to an attention function and a name for logs. `pallas` (and `auto` on
-    GPU/TPU) uses our kernels; a shape a kernel does not support falls back to the reference with a log
+    """Resolve --attention-backend to an attention function and a name for logs. `xla` (and `auto` on CPU) is
+    the pure-JAX formulation tuned for XLA:CPU, `reference` the plain contract implementation, `pallas` (and
+    `auto` on GPU/TPU) our kernels; a shape a kernel does not support falls back to the reference with a log
     line (decided per shape inside `pallas_kernels.paged_attention`), never a wrong result."""
     from pallas_kernels import paged_attention
     from pallas_kernels.reference import paged_attention_reference
+    from pallas_kernels.xla_attention import paged_attention_xla
 
-    if backend not in ("auto", "reference", "pallas"):
-        raise ValueError(f"unknown attention backend {backend!r} (choose auto, reference or pallas)")
-    if backend == "reference" or (backend == "auto" and platform == "cpu"):
+    if backend not in ATTENTION_BACKENDS:
+        raise ValueError(f"unknown attention backend {backend!r} (choose {', '.join(ATTENTION_BACKENDS)})")
+    if backend == "reference":
         return paged_attention_reference, "reference"
+    if backend == "xla" or (backend == "auto" and platform == "cpu"):
+        return paged_attention_xla, "xla"
     if platform not in ("gpu", "cuda", "tpu") and not interpret:
         raise ValueError(f"the pallas attention backend needs a GPU or TPU (platform is {platform}); "
                          "use --attention-backend reference")

@@ -19,6 +19,7 @@ import numpy as np
 
 from jaxserve.config import EngineConfig, ModelConfig
 from jaxserve.engine.attention import PagedCacheOps, PagedMeta, select_attention
+from jaxserve.engine.host_memory import keep_freed_memory_in_heap
 from jaxserve.engine.kv_cache import PagedKVCache, init_paged_cache
 from jaxserve.engine.scheduler import PrefillChunk
 from jaxserve.engine.request import Sequence
@@ -46,12 +47,24 @@ def _pow2_upto(limit: int, start: int = 1) -> list[int]:
 class Buckets:
     decode_rows: tuple[int, ...]
     sample_rows: tuple[int, ...]  # the sampler compiles per row count only: a few coarse buckets
-    page_widths: tuple[int, ...]  # pages per row
+    page_widths: tuple[int, ...]  # pages per row of decode steps
     prefill_shapes: tuple[tuple[int, int], ...]  # (rows, tokens per row)
+    prefill_widths: tuple[int, ...]  # pages per row of prefill steps
 
     @classmethod
-    def make(cls, max_running: int, max_pages_per_row: int, prefill_budget: int, max_chunk: int) -> "Buckets":
+    def make(cls, max_running: int, max_pages_per_row: int, prefill_budget: int, max_chunk: int,
+             prefill_width_ladder: bool = False) -> "Buckets":
+        """`prefill_width_ladder`: also bucket prefill steps by page-table width (x4 apart), for attention
+        backends whose cost grows with the width (the XLA formulations attend over every page-table slot;
+        the kernels skip the pages past each row's length, so for them one full width suffices)."""
         widths = _pow2_upto(max_pages_per_row, start=min(16, max_pages_per_row))
+        prefill_widths = [max_pages_per_row]
+        if prefill_width_ladder:
+            prefill_widths, w = [], widths[0]
+            while w < max_pages_per_row:
+                prefill_widths.append(w)
+                w *= 4
+            prefill_widths.append(max_pages_per_row)
         token_sizes = [t for t in (16, 64, 256, 1024, 4096) if t < max_chunk] + [max_chunk]
         shapes = []
         for t in sorted(set(token_sizes)):
@@ -61,16 +74,18 @@ class Buckets:
                 rows *= 4
         max_rows = max(max_running, max(r for r, _ in shapes))
         sample_rows = sorted({min(r, max_rows) for r in (8, 64, 256)} | {max_rows})
-        return cls(tuple(_pow2_upto(max_running)), tuple(sample_rows), tuple(widths), tuple(shapes))
+        return cls(tuple(_pow2_upto(max_running)), tuple(sample_rows), tuple(widths), tuple(shapes),
+                   tuple(prefill_widths))
 
     def decode_shape(self, rows: int, pages: int) -> tuple[int, int]:
         return _first_at_least(self.decode_rows, rows), _first_at_least(self.page_widths, pages)
 
-    def prefill_shape(self, rows: int, tokens: int) -> tuple[int, int]:
+    def prefill_shape(self, rows: int, tokens: int, pages: int) -> tuple[int, int, int]:
         fitting = [s for s in self.prefill_shapes if s[0] >= rows and s[1] >= tokens]
         if not fitting:
             raise ValueError(f"no prefill bucket holds {rows} rows of {tokens} tokens")
-        return min(fitting, key=lambda s: (s[0] * s[1], s[1]))
+        r, t = min(fitting, key=lambda s: (s[0] * s[1], s[1]))
+        return r, t, _first_at_least(self.prefill_widths, pages)
 
     def prefill_tokens_for_rows(self) -> tuple[int, ...]:
         """Entry r-1: the longest chunk a prefill call of r rows can hold."""
@@ -174,6 +189,8 @@ class ModelRunner:
         self.max_model_len = max_model_len
         self.max_pages_per_row = math.ceil(max_model_len / self.page_size)
         self.platform = jax.devices()[0].platform
+        if self.platform == "cpu" and engine_config.host_malloc_tuning:
+            keep_freed_memory_in_heap()
         attend, self.attention_name = select_attention(
             engine_config.attention_backend, self.platform, interpret=interpret_kernels
         )
@@ -202,7 +219,8 @@ class ModelRunner:
         max_chunk = min(engine_config.max_num_batched_tokens, max_model_len)
         self.max_chunk = max_chunk
         self.buckets = Buckets.make(
-            engine_config.max_running_requests, self.max_pages_per_row, engine_config.max_num_batched_tokens, max_chunk
+            engine_config.max_running_requests, self.max_pages_per_row, engine_config.max_num_batched_tokens, max_chunk,
+            prefill_width_ladder=self.attention_name in ("xla", "reference"),
         )
         self.max_prefill_rows = max(r for r, _ in self.buckets.prefill_shapes)
 
@@ -232,7 +250,7 @@ class ModelRunner:
         """Compile every bucket by running it once on an all-padding batch; returns seconds taken."""
         t0 = time.perf_counter()
         shapes = [(r, 1, p) for r in self.buckets.decode_rows for p in self.buckets.page_widths]
-        shapes += [(r, t, self.max_pages_per_row) for r, t in self.buckets.prefill_shapes]
+        shapes += [(r, t, w) for r, t in self.buckets.prefill_shapes for w in self.buckets.prefill_widths]
         self.apply_forks([], [])
         for i, (rows, tokens, pages) in enumerate(shapes):
             inp = self._empty_inputs(rows, tokens, pages)
@@ -312,8 +330,7 @@ class ModelRunner:
 
     def run_prefill(self, chunks: list[PrefillChunk], rows_info: list[SamplingRow]) -> "PendingResult":
         n = len(chunks)
-        rows, t = self.buckets.prefill_shape(n, max(c.length for c in chunks))
-        width = self.max_pages_per_row
+        rows, t, width = self.buckets.prefill_shape(n, max(c.length for c in chunks), max(len(c.seq.pages) for c in chunks))
         tokens = np.zeros((rows, t), np.int32)
         positions = np.zeros((rows, t), np.int32)
         page_table = np.zeros((rows, width), np.int32)

@@ -1,0 +1,33 @@
+"""Shape buckets of the runner and the CPU host-memory tuning (no model needed)."""
+from __future__ import annotations
+
+import platform
+
+import pytest
+
+from jaxserve.engine.host_memory import keep_freed_memory_in_heap
+from jaxserve.engine.runner import Buckets
+
+
+def test_prefill_width_ladder_for_xla_attention():
+    b = Buckets.make(16, 128, 256, 256, prefill_width_ladder=True)
+    assert b.page_widths == (16, 32, 64, 128)
+    assert b.prefill_widths == (16, 64, 128)
+    # A 128-token prompt (8 pages) attends over 16 pages, not the 128 of the longest context.
+    assert b.prefill_shape(1, 128, 8) == (1, 256, 16)
+    assert b.prefill_shape(4, 16, 17) == (4, 16, 64)
+    assert b.prefill_shape(1, 200, 128) == (1, 256, 128)
+    with pytest.raises(ValueError, match="exceeds the largest bucket"):
+        b.prefill_shape(1, 16, 129)
+
+
+def test_kernels_keep_one_prefill_width():
+    b = Buckets.make(128, 512, 2048, 2048)
+    assert b.prefill_widths == (512,)
+    assert b.prefill_shape(1, 100, 3)[2] == 512
+
+
+@pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="glibc only")
+def test_host_malloc_tuning_applies_on_glibc():
+    assert keep_freed_memory_in_heap() is True
+    assert keep_freed_memory_in_heap() is True  # idempotent
