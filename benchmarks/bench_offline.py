@@ -46,7 +46,7 @@ def decode_step_overhead(engine: LLMEngine, context: int, iters: int = 20) -> di
     cfg = engine.model_config
     params = engine.runner.params
     fwd = jax.jit(make_forward(cfg, engine.dtype, ContiguousCacheOps(cfg.head_dim**-0.5),
-                               scan_layers=engine.runner.scan_layers), donate_argnums=(3,))
+                               scan_layers=engine.runner.scan_layers, fused_projections=True), donate_argnums=(3,))
     kv_dtype = jnp.float32 if engine.dtype == "float32" else jnp.bfloat16
     cache = init_contiguous_cache(cfg, 1, context + iters + 8, kv_dtype)
     bare = []

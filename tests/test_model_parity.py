@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM
 
 from jaxserve.models.contiguous import ContiguousCacheOps, ContiguousMeta, init_contiguous_cache
 from jaxserve.models.forward import make_forward
-from jaxserve.models.llama import unstack_layers
+from jaxserve.models.llama import fuse_projections, unstack_layers
 from jaxserve.models.loader import load_params, read_model_config
 from jaxserve.models.testing import FAMILIES
 
@@ -19,15 +19,22 @@ PROMPT_LEN = 13
 DECODE_STEPS = 16
 
 
-@pytest.mark.parametrize("family,scan_layers", [(f, True) for f in FAMILIES] + [("qwen2", False)])
-def test_logits_match_transformers(family, scan_layers, tiny_model_dir):
+@pytest.mark.parametrize(
+    "family,scan_layers,fused",
+    [(f, True, False) for f in FAMILIES] + [("qwen2", False, False), ("qwen2", False, True), ("qwen3", True, True)],
+)
+def test_logits_match_transformers(family, scan_layers, fused, tiny_model_dir):
+    """fused: q/k/v and gate/up as single matmuls (the engine's layout; qwen2 has q/k/v biases)."""
     path = tiny_model_dir(family)
     cfg = read_model_config(path)
     params = jax.tree.map(jnp.asarray, load_params(path, cfg, "float32"))
     if not scan_layers:
         params = unstack_layers(params, cfg.num_layers)
+    if fused:
+        params = fuse_projections(params)
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager").eval()
-    forward = jax.jit(make_forward(cfg, "float32", ContiguousCacheOps(cfg.head_dim**-0.5), scan_layers=scan_layers))
+    forward = jax.jit(make_forward(cfg, "float32", ContiguousCacheOps(cfg.head_dim**-0.5), scan_layers=scan_layers,
+                                      fused_projections=fused))
 
     ids = np.random.default_rng(1).integers(0, cfg.vocab_size, PROMPT_LEN)
     with torch.no_grad():

@@ -24,7 +24,7 @@ from jaxserve.engine.kv_cache import PagedKVCache, init_paged_cache
 from jaxserve.engine.scheduler import PrefillChunk
 from jaxserve.engine.request import Sequence
 from jaxserve.models.forward import make_forward
-from jaxserve.models.llama import unstack_layers
+from jaxserve.models.llama import fuse_projections, unstack_layers
 from jaxserve.sampling.batch import SamplingBatch, SamplingRow, build_sampling_batch
 from jaxserve.sampling.penalties import PenaltyState, add_prompt_tokens, init_penalty_state, reset_slots
 from jaxserve.sampling.sampler import SampleOutput, sample
@@ -73,7 +73,9 @@ class Buckets:
                 shapes.append((rows, t))
                 rows *= 4
         max_rows = max(max_running, max(r for r, _ in shapes))
-        sample_rows = sorted({min(r, max_rows) for r in (8, 64, 256)} | {max_rows})
+        # The sampler makes several full-vocabulary passes per row, so padding 32 rows to 64 costs as much as
+        # the extra compile of a 32-row bucket: a x2 ladder from 8 rows.
+        sample_rows = sorted({min(r, max_rows) for r in (8, 16, 32, 64, 128, 256)} | {max_rows})
         return cls(tuple(_pow2_upto(max_running)), tuple(sample_rows), tuple(widths), tuple(shapes),
                    tuple(prefill_widths))
 
@@ -199,7 +201,8 @@ class ModelRunner:
         self.scan_layers = loop == "scan" or (loop == "auto" and self.platform != "cpu")
         if not self.scan_layers:
             params = unstack_layers(params, model_config.num_layers)
-        forward = make_forward(model_config, dtype, cache_ops, scan_layers=self.scan_layers)
+        params = fuse_projections(params)
+        forward = make_forward(model_config, dtype, cache_ops, scan_layers=self.scan_layers, fused_projections=True)
         # Two programs per step: the forward is compiled per (rows, tokens, pages) bucket, the sampler only
         # per row count, so compile time grows with the bucket grid far more slowly. Both are dispatched
         # asynchronously; the logits never leave the device.

@@ -9,10 +9,12 @@ from jaxserve.config import ModelConfig
 from jaxserve.models.llama import LlamaModel, dtype_of
 
 
-def make_forward(cfg: ModelConfig, dtype: str, cache_ops: Any, *, scan_layers: bool = True) -> Callable[..., tuple[jax.Array, Any]]:
+def make_forward(cfg: ModelConfig, dtype: str, cache_ops: Any, *, scan_layers: bool = True,
+                 fused_projections: bool = False) -> Callable[..., tuple[jax.Array, Any]]:
     """forward(params, tokens [B,T], positions [B,T], cache, meta, logits_index [B] | None) -> (logits, cache).
-    With scan_layers=False the params must be in the per-layer layout (`llama.unstack_layers`)."""
-    model = LlamaModel(cfg, dtype_of(dtype), cache_ops, scan_layers=scan_layers)
+    With scan_layers=False the params must be in the per-layer layout (`llama.unstack_layers`); with
+    fused_projections=True in the fused one (`llama.fuse_projections`)."""
+    model = LlamaModel(cfg, dtype_of(dtype), cache_ops, scan_layers=scan_layers, fused_projections=fused_projections)
 
     def forward(params, tokens, positions, cache, meta, logits_index=None):
         return model.apply({"params": params}, tokens, positions, cache, meta, logits_index)
