@@ -1,13 +1,16 @@
 """Token tables with the SmolLM2 vocabulary: random walks produce matching text, EOS only where accepting,
-padding and special tokens never allowed, forced tokens, the compiler cache, and token_bytes."""
+padding and special tokens never allowed, forced tokens, the compiler cache, token_bytes, and the token
+classes the device advances grammar states with."""
 import re
 import threading
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from jaxserve.constrained.compiler import ConstraintCompiler, compile_constraint
+from jaxserve.constrained.grammar import token_classes, token_classes_exact
 from jaxserve.constrained.token_table import distance_to_accept, sample_walk
 from jaxserve.constrained.vocab import VocabInfo, token_bytes
 
@@ -135,3 +138,61 @@ def test_size_limits_raise_too_complex(vocab):
         compile_constraint("regex", "[a-z]{40}", vocab, CompilerOptions(max_table_states=20))
     with pytest.raises(ValueError, match="too complex"):
         compile_constraint("regex", "[^\"]*", vocab, CompilerOptions(max_table_pairs=1000))
+
+
+SCHEMA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "jsonschemabench" / "Github_easy"
+
+
+def check_classes_reproduce_table(table, token_class, next_by_class, rng) -> None:
+    """Every transition of the CSR, exactly: each edge is its class's entry, and each state allows as many
+    tokens through its classes as the CSR lists (so no class entry adds a token). Plus random lookups
+    against `TokenTable.next_state`, which walks the token's bytes through the byte DFA instead."""
+    assert token_class.shape == (table.vocab_width,) and token_class.dtype == np.int32
+    assert next_by_class.shape[0] == table.num_states and next_by_class.dtype == np.int32
+    src = np.repeat(np.arange(table.num_states), np.diff(table.indptr))
+    np.testing.assert_array_equal(next_by_class[src, token_class[table.next_tokens]], table.next_states)
+    class_size = np.bincount(token_class, minlength=next_by_class.shape[1])
+    allowed_via_classes = (next_by_class >= 0).astype(np.int64) @ class_size
+    np.testing.assert_array_equal(allowed_via_classes, np.diff(table.indptr))
+    assert (next_by_class[:, token_class[list(table.eos_token_ids)]] == -1).all()  # end tokens never advance
+    for state in rng.integers(0, table.num_states, size=min(table.num_states, 8)):
+        for token in rng.integers(0, table.vocab_width, size=300):
+            want = -1
+            if table.is_allowed(state, token) and token not in table.eos_token_ids:
+                want = table.next_state(state, token)
+            assert next_by_class[state, token_class[token]] == want, (state, token)
+
+
+def schema_tables(vocab, count: int):
+    tables = []
+    for f in sorted(SCHEMA_DIR.glob("*.json")):
+        try:
+            tables.append(compile_constraint("json_schema", f.read_text(), vocab))
+        except ValueError:
+            continue  # unsupported schema features: coverage is another test's business
+        if len(tables) == count:
+            return tables
+    return tables
+
+
+def test_token_classes_reproduce_every_transition(vocab):
+    rng = np.random.default_rng(3)
+    tables = [compile_constraint("regex", p, vocab) for p in REGEXES]
+    tables += [compile_constraint("json_object", "", vocab)] + schema_tables(vocab, 6)
+    for table in tables:
+        token_class, next_by_class = token_classes(table)
+        check_classes_reproduce_table(table, token_class, next_by_class, rng)
+        # Far fewer classes than tokens: what makes the dense [S, C] table fit on the device.
+        assert next_by_class.shape[1] < 1000
+
+
+def test_exact_token_classes_give_the_same_partition(vocab):
+    rng = np.random.default_rng(4)
+    for pattern in [r"[a-z]+@[a-z]+\.(com|org)", r"(true|false|null)", r"\d+(,\d{3})*"]:
+        table = compile_constraint("regex", pattern, vocab)
+        hashed, nbc_hashed = token_classes(table)
+        exact, nbc_exact = token_classes_exact(table)
+        check_classes_reproduce_table(table, exact, nbc_exact, rng)
+        # Same partition (labels may differ): the pairs (hashed, exact) are a bijection.
+        pairs = np.unique(np.stack([hashed, exact]), axis=1)
+        assert pairs.shape[1] == nbc_hashed.shape[1] == nbc_exact.shape[1]
