@@ -154,6 +154,13 @@ class EngineConfig:
     grammar_capacity_states: int = 16384  # rows of the device grammar mask pool (vocab/8 bytes each)
     # CPU only: keep freed memory in the malloc heap (engine/host_memory.py); XLA:CPU steps page-fault less.
     host_malloc_tuning: bool = True
+    # Device transition tables that let constrained rows advance their grammar state on the device (so their
+    # steps overlap host work): class-map slots (one per resident grammar, vocab_width int32 each: 12.6 MB
+    # at 64 x 49152) and next-state entries shared by all grammars (S states x C token classes each; the
+    # JSONSchemaBench schemas need p50 15.5k, max 295k, so 4M entries = 16 MiB hold hundreds). A grammar
+    # that does not fit advances on the host instead (logged, counted in the engine stats).
+    grammar_class_map_slots: int = 64
+    grammar_next_capacity: int = 4 * 1024 * 1024
 
     def __post_init__(self) -> None:
         if self.page_size not in (8, 16, 32, 64, 128):
@@ -164,6 +171,8 @@ class EngineConfig:
             raise ValueError("max_num_batched_tokens must be >= 16")
         if self.max_model_len is not None and self.max_model_len < 16:
             raise ValueError("max_model_len must be >= 16")
+        if self.grammar_class_map_slots < 0 or self.grammar_next_capacity < 0:
+            raise ValueError("grammar_class_map_slots and grammar_next_capacity must be >= 0")
 
     def with_platform_defaults(self, platform: str) -> "EngineConfig":
         """Fill the fields left as None with the defaults of `platform` ("cpu", "gpu", "tpu")."""

@@ -15,7 +15,7 @@ from jaxserve.engine.kv_cache import init_paged_cache
 from jaxserve.models.contiguous import ContiguousCacheOps, ContiguousMeta, init_contiguous_cache
 from jaxserve.models.forward import make_forward
 from jaxserve.models.loader import load_params, read_model_config
-from jaxserve.sampling.params import SamplingParams
+from jaxserve.sampling.params import Constraint, SamplingParams
 from pallas_kernels.reference import paged_attention_reference
 
 @pytest.fixture(scope="module")
@@ -28,9 +28,10 @@ def engine(tiny_engine_config) -> LLMEngine:
 
 def run_to_completion(engine: LLMEngine, requests: dict[str, tuple[list[int], SamplingParams]],
                       arrivals: dict[str, int] | None = None) -> dict[str, list[list[int]]]:
-    """Add each request at its arrival step (default 0) and step until all finish; token ids per choice."""
+    """Add each request (prompt, params[, grammar]) at its arrival step (default 0) and step until all finish;
+    token ids per choice."""
     arrivals = arrivals or {rid: 0 for rid in requests}
-    tokens: dict[str, list[list[int]]] = {rid: [[] for _ in range(p.n)] for rid, (_, p) in requests.items()}
+    tokens: dict[str, list[list[int]]] = {rid: [[] for _ in range(req[1].n)] for rid, req in requests.items()}
     done: set[str] = set()
     step = 0
     while len(done) < len(requests):
@@ -154,6 +155,13 @@ def test_no_compilation_after_warmup(engine):
                 logprobs=rng.choice([None, 0, 5]), min_tokens=rng.choice([0, 1]), n=rng.choice([1, 1, 2]),
             )
             requests[f"c{i}"] = (random_prompt(rng, rng.randint(1, 200)), params)
+        # Constrained requests too: adding a grammar writes the device pool (programs compiled when the
+        # pool is built) and constrained rows read their state on the device; none of it compiles.
+        for i, constraint in enumerate([Constraint("regex", r"(yes|no|maybe)"), Constraint("json_object"),
+                                        Constraint("regex", r"[a-z]{1,8}@[a-z]{1,8}\.(com|org)")] * 4):
+            params = SamplingParams(max_tokens=rng.randint(8, 16), temperature=rng.choice([0.0, 1.0]), seed=i,
+                                    n=rng.choice([1, 2]), constraint=constraint)
+            requests[f"g{i}"] = (random_prompt(rng, rng.randint(1, 50)), params, engine.compile_constraint(constraint))
         arrivals = {rid: i // 4 for i, rid in enumerate(requests)}
         run_to_completion(engine, requests, arrivals)
     finally:

@@ -8,7 +8,9 @@ import pytest
 import jax
 import jax.numpy as jnp
 
-from jaxserve.constrained.tables import unconstrained_row
+from jaxserve.constrained.grammar import make_grammar
+from jaxserve.constrained.tables import GrammarPool, unconstrained_row
+from jaxserve.constrained.token_table import TokenTable
 from jaxserve.sampling.batch import MAX_LOGIT_BIAS, SamplingRow, build_sampling_batch, seed_key_data
 from jaxserve.sampling.params import SamplingParams
 from jaxserve.sampling.penalties import (
@@ -17,7 +19,7 @@ from jaxserve.sampling.penalties import (
     record_tokens,
     reset_slots,
 )
-from jaxserve.sampling.sampler import sample
+from jaxserve.sampling.sampler import sample, sample_with_grammar
 
 V = 64
 # Nearly every call uses the same shapes (rows, slots, mask-table rows, end ids), so the file compiles the
@@ -387,3 +389,45 @@ def test_build_sampling_batch_pads_and_rejects_bad_rows():
         build_sampling_batch([SamplingRow(params, seed=0, step=0, slot=0)] * 3, 2)
     with pytest.raises(ValueError, match="step"):
         build_sampling_batch([SamplingRow(params, seed=0, step=-1, slot=0)], 2)
+    with pytest.raises(ValueError, match="either a mask_row or a grammar state"):
+        build_sampling_batch([SamplingRow(params, seed=0, step=0, slot=0, mask_row=1, grammar_row=16)], 2)
+    with pytest.raises(ValueError, match="slot"):
+        build_sampling_batch([SamplingRow(params, seed=0, step=0, slot=-1, grammar_from_device=True)], 2)
+
+
+def two_state_grammar():
+    """State 0: token 5 -> 1, token 6 -> 0. State 1 (accepting): token 7 -> 0, end token 1."""
+    bits = np.zeros((2, V), bool)
+    bits[0, [5, 6]] = True
+    bits[1, [7, 1]] = True
+    table = TokenTable(
+        key=("two",), vocab_width=V, start_state=0, mask=np.packbits(bits, axis=1, bitorder="little").view(np.uint32),
+        indptr=np.array([0, 2, 3]), next_tokens=np.array([5, 6, 7], np.int32), next_states=np.array([1, 0, 0], np.int32),
+        transitions=np.full((2, 256), -1, np.int32), token_bytes=(), accepting=np.array([False, True]),
+        finished=np.zeros(2, bool), forced_token=np.full(2, -1, np.int32), eos_token_ids=(1,),
+    )
+    return make_grammar(table)
+
+
+def test_sample_with_grammar_reads_picks_and_stores_states_on_the_device():
+    pool = GrammarPool(capacity_rows=64, vocab_width=V, vocab_size=V, class_map_slots=2, next_capacity=1024)
+    grammar = two_state_grammar()
+    off = pool.add(grammar).offset
+    logits = np.zeros((8, V), np.float32)
+    logits[:, 7], logits[:, 6], logits[:, 5] = 3.0, 2.0, 1.0
+    logits[4, 1] = 9.0
+    greedy = SamplingParams(temperature=0.0)
+    rows = [
+        SamplingRow(greedy, seed=0, step=0, slot=0, grammar_row=off, tokens_left=10),  # host state 0: 6 wins
+        SamplingRow(greedy, seed=0, step=0, slot=1, grammar_row=off, grammar_from_device=True, tokens_left=10),
+        SamplingRow(greedy, seed=0, step=0, slot=2),  # unconstrained: 7 wins, state stays 0
+        SamplingRow(greedy, seed=0, step=0, slot=3, grammar_row=off, tokens_left=2),  # closing: only 5 gets closer
+        SamplingRow(greedy, seed=0, step=0, slot=4, grammar_row=off + 1, tokens_left=10),  # end token: state kept
+        SamplingRow(greedy, seed=0, step=0, slot=-1, grammar_row=off + 1, tokens_left=10),  # stores nothing
+    ]
+    stored = jnp.asarray([0, off + 1, 0, 0, 0, 0, 77, 0], jnp.int32)  # slot 1: state 1 from an earlier step
+    out, state = sample_with_grammar(jnp.asarray(logits), build_sampling_batch(rows, 8), init_penalty_state(8, V),
+                                     pool.tables, jnp.asarray([1], jnp.int32), stored)
+    assert np.asarray(out.tokens[:6]).tolist() == [6, 7, 7, 5, 1, 7]
+    assert np.asarray(out.num_allowed[:6]).tolist() == [2, 2, V, 1, 2, 2]
+    assert np.asarray(state).tolist() == [off, off, 0, off + 1, off + 1, 0, 77, 0]

@@ -448,6 +448,8 @@ def test_client_disconnect_aborts_and_metrics_report(http):
     assert _metric(text, "jaxserve_generation_tokens_total") > 0
     assert _metric(text, "jaxserve_prompt_tokens_total") > 0
     assert 'jaxserve_requests_total{endpoint="/v1/chat/completions",status="200"}' in text
+    # Every constraint of the suite fits the device grammar tables: none fell back to host-side advance.
+    assert _metric(text, "jaxserve_constrained_host_advance_requests_total") == 0
 
 
 def test_non_streaming_client_that_gives_up_aborts_its_request(server, http):

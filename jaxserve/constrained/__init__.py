@@ -8,5 +8,6 @@ Modules (host side is NumPy; only `tables` touches JAX):
   token_walk.py    DFA x vocabulary -> TokenTable (vectorized trie walk)
   token_table.py   TokenTable (mask, next states, forced tokens) and sample walks
   compiler.py      compile_constraint + ConstraintCompiler (thread-safe LRU cache)
-  tables.py        GrammarPool (device mask rows) and the jittable apply_token_mask
+  grammar.py       Grammar: closing rows that finish within max_tokens, token classes for the device advance
+  tables.py        GrammarPool (device mask rows + transition tables), apply_token_mask, the device advance
 """

@@ -61,6 +61,9 @@ class EngineStats:
     num_prompt_tokens_total: int
     num_generated_tokens_total: int
     num_preemptions_total: int
+    # Constrained requests whose grammar did not fit the device transition tables: their rows advance on
+    # the host, so steps run synchronously while they run (slower decode, same output).
+    num_constrained_host_advance_total: int = 0
 
 
 def resolve_dtype(dtype: str, platform: str) -> str:
@@ -110,11 +113,14 @@ class LLMEngine:
         self.allocator = PageAllocator(num_pages)
         from jaxserve.constrained.tables import GrammarPool
 
-        self.grammar_pool = GrammarPool(config.grammar_capacity_states, cfg.vocab_size, min(self.tokenizer.vocab_size, cfg.vocab_size))
+        self.grammar_pool = GrammarPool(
+            config.grammar_capacity_states, cfg.vocab_size, min(self.tokenizer.vocab_size, cfg.vocab_size),
+            class_map_slots=config.grammar_class_map_slots, next_capacity=config.grammar_next_capacity,
+        )
         params = parts.params if parts.params is not None else load_params(Path(parts.path), cfg, self.dtype)
         self.runner = ModelRunner(
             cfg, params, config, dtype=self.dtype, num_pages=num_pages, max_model_len=self.max_model_len,
-            end_token_ids=self.end_token_ids, mask_table_fn=lambda: self.grammar_pool.table,
+            end_token_ids=self.end_token_ids, grammar_tables_fn=lambda: self.grammar_pool.tables,
             interpret_kernels=interpret_kernels,
         )
         self.scheduler = Scheduler(
@@ -134,6 +140,7 @@ class LLMEngine:
         self.num_prompt_tokens_total = 0
         self.num_generated_tokens_total = 0
         self.num_preemptions_total = 0
+        self.num_constrained_host_advance_total = 0
         self.num_prefill_tokens_computed = 0  # prompt tokens actually run through the model
         self.warmup_seconds: float | None = None
         self._constraint_compiler = None
@@ -191,17 +198,21 @@ class LLMEngine:
         if request_id in self._requests:
             raise ValueError(f"duplicate request id {request_id!r}")
         max_tokens = self.validate(prompt_ids, params)
-        offset = 0
+        residency = None
         if grammar is not None:
             self.check_budget(grammar, max_tokens)
             from jaxserve.constrained.tables import GrammarPoolFullError
 
             try:
-                offset = self.grammar_pool.add(grammar.pool_table)
+                residency = self.grammar_pool.add(grammar)
             except GrammarPoolFullError as e:
                 raise ValueError(f"{e}; too many large constraints are in flight, retry later") from e
             for _ in range(params.n - 1):
-                self.grammar_pool.add(grammar.pool_table)  # one reference per choice, released at finish
+                self.grammar_pool.add(grammar)  # one reference per choice, released at finish
+            if not residency.device_advance:
+                self.num_constrained_host_advance_total += 1
+                log.info("request %s: its constraint advances on the host (device grammar tables full); "
+                         "steps are synchronous while it runs", request_id)
         seqs: list[Sequence] = []
         for i in range(params.n):
             seed = params.seed + i if params.seed is not None else self._rng.getrandbits(63)
@@ -210,9 +221,10 @@ class LLMEngine:
                 params=params, seed=seed, max_tokens=max_tokens, leader=seqs[0] if seqs else None,
             )
             seq.detokenizer = self.tokenizer.detokenizer(skip_special_tokens=params.skip_special_tokens)
-            if grammar is not None:
+            if residency is not None:
                 seq.grammar = grammar
-                seq.grammar_offset = offset
+                seq.grammar_offset = residency.offset
+                seq.grammar_on_device = residency.device_advance
                 seq.grammar_state = grammar.start_state
             seqs.append(seq)
         self._requests[request_id] = seqs
@@ -271,6 +283,7 @@ class LLMEngine:
             num_prompt_tokens_total=self.num_prompt_tokens_total,
             num_generated_tokens_total=self.num_generated_tokens_total,
             num_preemptions_total=self.num_preemptions_total,
+            num_constrained_host_advance_total=self.num_constrained_host_advance_total,
         )
 
     def warmup(self, progress=None) -> float:
@@ -281,22 +294,32 @@ class LLMEngine:
     def _sampling_row(self, seq: Sequence, emits: bool) -> SamplingRow:
         p = seq.params
         suppress = p.ignore_eos or len(seq.output_ids) < p.min_tokens
-        mask_row = 0
+        grammar_row, from_device, tokens_left = 0, False, 0
         if seq.grammar is not None:
+            # Placeholders count: their tokens are emitted (or the sequence stops and this row is dropped).
             tokens_left = min(seq.max_tokens - len(seq.output_ids), self.max_model_len - seq.num_tokens)
-            mask_row = seq.grammar_offset + seq.grammar.mask_row(seq.grammar_state, tokens_left)
+            # The state after a token still in flight exists only on the device, which stored it for this
+            # slot when it sampled that token (the slot cannot have changed: a sequence preempted with a
+            # token in flight is not readmitted before it is read). The mask row is picked on the device.
+            from_device = emits and seq.num_pending > 0
+            if from_device and not seq.grammar_on_device:
+                raise RuntimeError("internal error: a host-advanced constrained row was scheduled with its "
+                                   "previous token unread")
+            grammar_row = seq.grammar_offset + seq.grammar_state  # ignored when from_device
         return SamplingRow(
             params=p, seed=seq.seed, step=len(seq.output_ids), slot=seq.slot if emits else -1,
-            mask_row=mask_row, suppress_end=suppress,
+            suppress_end=suppress, grammar_row=grammar_row, grammar_from_device=from_device,
+            tokens_left=tokens_left,
         )
 
     def step(self) -> list[RequestOutput]:
         """Schedule and dispatch one step, then read and post-process the previous one while the device
         computes this one. Tokens of the step in flight are placeholders (-1) in `output_ids`; the next
-        decode of such a sequence reads its token on the device. Constrained rows need their sampled token
-        on the host before their next mask row is known, so while any runs, steps are synchronous."""
+        decode of such a sequence reads its token, and for a constrained one its grammar state, on the
+        device. Only a constraint without device transition tables (they did not fit) needs its token on
+        the host before its next mask row is known: while such a one runs, steps are synchronous."""
         advanced: list[Sequence] = []
-        if self._pending and any(s.grammar is not None for s in self.scheduler.running):
+        if self._pending and any(s.grammar is not None and not s.grammar_on_device for s in self.scheduler.running):
             advanced += self._resolve(self._pending)
             self._pending = []
         sched = self.scheduler.schedule()
@@ -357,6 +380,8 @@ class LLMEngine:
             top = [(int(t), float(lp)) for t, lp in zip(res.top_ids[row][:k], res.top_logprobs[row][:k])]
             seq.logprobs.append(TokenLogprob(token, float(res.logprob[row]), top))
         if seq.grammar is not None and token not in self.end_token_ids:
+            # The device advanced its own copy already; the host's serves rows scheduled when no token is
+            # in flight (prefill, recompute after preemption) and host-advanced grammars.
             seq.grammar_state = seq.grammar.next_state(seq.grammar_state, token)
         finish = stops.advance(seq, token, self.end_token_ids, self.max_model_len)
         if finish is not None:
@@ -371,7 +396,7 @@ class LLMEngine:
         seq.stop_reason = stop_reason
         self.scheduler.remove(seq)
         if seq.grammar is not None:
-            self.grammar_pool.release(seq.grammar.pool_table)
+            self.grammar_pool.release(seq.grammar)
             seq.grammar = None
 
     def _collect(self, advanced: Iterable[Sequence]) -> list[RequestOutput]:

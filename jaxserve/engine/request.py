@@ -70,9 +70,10 @@ class Sequence:
     sent_tokens: int = 0  # output tokens already reported
     num_pending: int = 0  # trailing output_ids that are placeholders of steps in flight
     logprobs: list[TokenLogprob] = field(default_factory=list)
-    grammar: Any = None  # compiled TokenTable of the constraint, None when unconstrained
+    grammar: Any = None  # the constraint's compiled Grammar, None when unconstrained
     grammar_offset: int = 0  # first row of this grammar in the device mask pool
-    grammar_state: int = 0  # current DFA state (relative to the grammar)
+    grammar_state: int = 0  # DFA state after the last resolved token (relative to the grammar)
+    grammar_on_device: bool = False  # the device advances the state (its transition tables fit the pool)
     num_preemptions: int = 0
     # n > 1: the first choice (leader) computes the prompt; the others share its pages.
     leader: "Sequence | None" = None

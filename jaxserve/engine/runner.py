@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxserve.config import EngineConfig, ModelConfig
+from jaxserve.constrained.tables import GrammarTables
 from jaxserve.engine.attention import PagedCacheOps, PagedMeta, select_attention
 from jaxserve.engine.host_memory import keep_freed_memory_in_heap
 from jaxserve.engine.kv_cache import PagedKVCache, init_paged_cache
@@ -27,7 +28,7 @@ from jaxserve.models.forward import make_forward
 from jaxserve.models.llama import fuse_projections, unstack_layers
 from jaxserve.sampling.batch import SamplingBatch, SamplingRow, build_sampling_batch
 from jaxserve.sampling.penalties import PenaltyState, add_prompt_tokens, init_penalty_state, reset_slots
-from jaxserve.sampling.sampler import SampleOutput, sample
+from jaxserve.sampling.sampler import SampleOutput, sample_with_grammar
 
 log = logging.getLogger(__name__)
 
@@ -141,10 +142,12 @@ def _forward_step(forward, sample_rows: int, params, cache, penalty: PenaltyStat
     return logits, cache, penalty
 
 
-def _sample_step(logits, sampling: SamplingBatch, penalty: PenaltyState, mask_table, end_ids, last_tokens):
-    out = sample(logits, sampling, penalty, mask_table, end_ids, num_top_logprobs=NUM_TOP_LOGPROBS)
+def _sample_step(logits, sampling: SamplingBatch, penalty: PenaltyState, grammar: GrammarTables, end_ids,
+                 last_tokens, grammar_state):
+    out, grammar_state = sample_with_grammar(logits, sampling, penalty, grammar, end_ids, grammar_state,
+                                             num_top_logprobs=NUM_TOP_LOGPROBS)
     slots = jnp.where(sampling.slot >= 0, sampling.slot, last_tokens.shape[0])
-    return out, last_tokens.at[slots].set(out.tokens, mode="drop")
+    return out, last_tokens.at[slots].set(out.tokens, mode="drop"), grammar_state
 
 
 def _copy_pages(cache: PagedKVCache, src: jax.Array, dst: jax.Array) -> PagedKVCache:
@@ -180,7 +183,7 @@ class ModelRunner:
         num_pages: int,
         max_model_len: int,
         end_token_ids: Seq[int],
-        mask_table_fn,
+        grammar_tables_fn,
         interpret_kernels: bool = False,
     ) -> None:
         self.cfg = model_config
@@ -207,7 +210,7 @@ class ModelRunner:
         # per row count, so compile time grows with the bucket grid far more slowly. Both are dispatched
         # asynchronously; the logits never leave the device.
         self._forward = jax.jit(partial(_forward_step, forward), static_argnums=(0,), donate_argnums=(2, 3))
-        self._sample = jax.jit(_sample_step, donate_argnums=(2, 5))
+        self._sample = jax.jit(_sample_step, donate_argnums=(2, 5, 6))
         self._copy_pages = jax.jit(_copy_pages, donate_argnums=(0,))
         self._fork_slots = jax.jit(_fork_slots, donate_argnums=(0,))
         self.params = jax.device_put(params)
@@ -217,8 +220,11 @@ class ModelRunner:
         # The latest sampled token of each running slot, kept on the device so the next step can be
         # dispatched before the host has read this one (host work overlaps device work).
         self.last_tokens = jnp.zeros(engine_config.max_running_requests, jnp.int32)
+        # Likewise the grammar state (normal pool row, 0 = none) after each slot's latest token: a
+        # constrained row whose previous token is in flight takes its state from here.
+        self.grammar_state = jnp.zeros(engine_config.max_running_requests, jnp.int32)
         self.end_ids = jnp.asarray(np.array(list(end_token_ids) or [-1], np.int32))
-        self._mask_table_fn = mask_table_fn  # () -> current device grammar mask table
+        self._grammar_tables_fn = grammar_tables_fn  # () -> the grammar pool's current GrammarTables
         max_chunk = min(engine_config.max_num_batched_tokens, max_model_len)
         self.max_chunk = max_chunk
         self.buckets = Buckets.make(
@@ -266,7 +272,9 @@ class ModelRunner:
     def _run(self, inp: StepInputs) -> tuple[SampleOutput, PagedKVCache]:
         sample_rows = inp.sampling.temperature.shape[0]  # built at the sampler's row bucket
         logits, cache, penalty = self._forward(sample_rows, self.params, self.cache, self.penalty, self.last_tokens, inp)
-        out, self.last_tokens = self._sample(logits, inp.sampling, penalty, self._mask_table_fn(), self.end_ids, self.last_tokens)
+        out, self.last_tokens, self.grammar_state = self._sample(
+            logits, inp.sampling, penalty, self._grammar_tables_fn(), self.end_ids, self.last_tokens, self.grammar_state
+        )
         self.penalty = out.penalty
         return out, cache
 

@@ -2,7 +2,7 @@
 
 Every parameter is a per-row array (never a static argument), so one compiled program serves every mix of
 requests. `build_sampling_batch` is the host side: it turns validated `SamplingParams` plus the engine's
-per-row state (seed, step, penalty slot, grammar mask row, end-token suppression) into NumPy arrays padded to
+per-row state (seed, step, penalty slot, grammar state, end-token suppression) into NumPy arrays padded to
 the row bucket; the runner moves them to the device (`jax.device_put`) with the rest of the step's inputs.
 """
 from __future__ import annotations
@@ -47,7 +47,14 @@ class SamplingBatch:
     step                i32 [B]     the row's sampling step; the key is fold_in(key(seed), step)
     slot                i32 [B]     row of the PenaltyState; -1 = none (padding rows, non-final prefill
                                     chunks): no penalties read, sampled token not recorded
-    mask_row            i32 [B]     row of the grammar mask table; 0 = unconstrained
+    mask_row            i32 [B]     row of the grammar mask table; 0 = unconstrained. Rows with a grammar
+                                    state (below) get theirs computed on the device instead
+    grammar_row         i32 [B]     the row's grammar state as the host knows it: its normal pool row
+                                    (grammar offset + state); 0 = no grammar
+    grammar_from_device bool [B]    the state is the one the device stored for `slot` when it sampled the
+                                    row's previous token (still in flight, so unknown to the host)
+    tokens_left         i32 [B]     tokens the row may still emit, this one included: picks the closing
+                                    mask row (`Grammar.mask_row`)
     """
 
     temperature: jax.Array
@@ -64,6 +71,9 @@ class SamplingBatch:
     step: jax.Array
     slot: jax.Array
     mask_row: jax.Array
+    grammar_row: jax.Array
+    grammar_from_device: jax.Array
+    tokens_left: jax.Array
 
     @property
     def num_rows(self) -> int:
@@ -76,7 +86,8 @@ class SamplingRow:
 
     `seed` is the request's seed (or one the engine drew for it); `step` counts the tokens this sequence has
     sampled so far (so step s of a given seed always uses the same key); `suppress_end` is true while
-    min_tokens is not reached or when the request set ignore_eos.
+    min_tokens is not reached or when the request set ignore_eos. A constrained row gives `grammar_row` (its
+    state's normal pool row, ignored when `grammar_from_device`) and `tokens_left` instead of a `mask_row`.
     """
 
     params: SamplingParams
@@ -85,6 +96,9 @@ class SamplingRow:
     slot: int
     mask_row: int = 0
     suppress_end: bool = False
+    grammar_row: int = 0
+    grammar_from_device: bool = False
+    tokens_left: int = 0
 
 
 def seed_key_data(seed: int) -> tuple[int, int]:
@@ -112,6 +126,9 @@ def build_sampling_batch(rows: Sequence[SamplingRow], num_rows: int) -> Sampling
     step = np.zeros(num_rows, np.int32)
     slot = np.full(num_rows, -1, np.int32)
     mask_row = np.zeros(num_rows, np.int32)
+    grammar_row = np.zeros(num_rows, np.int32)
+    grammar_from_device = np.zeros(num_rows, np.bool_)
+    tokens_left = np.zeros(num_rows, np.int32)
     for i, row in enumerate(rows):
         p = row.params
         if len(p.logit_bias) > MAX_LOGIT_BIAS:
@@ -120,6 +137,12 @@ def build_sampling_batch(rows: Sequence[SamplingRow], num_rows: int) -> Sampling
             raise ValueError(f"step must be non-negative, got {row.step}")
         if row.mask_row < 0:
             raise ValueError(f"mask_row must be non-negative, got {row.mask_row}")
+        if row.grammar_row < 0:
+            raise ValueError(f"grammar_row must be non-negative, got {row.grammar_row}")
+        if row.mask_row and (row.grammar_row or row.grammar_from_device):
+            raise ValueError("a row gives either a mask_row or a grammar state, not both")
+        if row.grammar_from_device and row.slot < 0:
+            raise ValueError("grammar_from_device needs the row's slot (where the device stored the state)")
         temperature[i] = p.temperature
         top_p[i] = p.top_p
         top_k[i] = p.top_k
@@ -135,6 +158,9 @@ def build_sampling_batch(rows: Sequence[SamplingRow], num_rows: int) -> Sampling
         step[i] = row.step
         slot[i] = row.slot
         mask_row[i] = row.mask_row
+        grammar_row[i] = row.grammar_row
+        grammar_from_device[i] = row.grammar_from_device
+        tokens_left[i] = row.tokens_left
     return SamplingBatch(
         temperature=temperature,
         top_p=top_p,
@@ -150,4 +176,7 @@ def build_sampling_batch(rows: Sequence[SamplingRow], num_rows: int) -> Sampling
         step=step,
         slot=slot,
         mask_row=mask_row,
+        grammar_row=grammar_row,
+        grammar_from_device=grammar_from_device,
+        tokens_left=tokens_left,
     )

@@ -15,13 +15,20 @@ variates per row costs ~5x the rest of the sampler on XLA:CPU.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from functools import partial
 
 import jax
 import jax.numpy as jnp
 
-from jaxserve.constrained.tables import unpack_mask_bits
+from jaxserve.constrained.tables import (
+    UNCONSTRAINED_ROW,
+    GrammarTables,
+    advance_grammar_rows,
+    grammar_mask_rows,
+    unpack_mask_bits,
+)
 from jaxserve.sampling.batch import GREEDY_TEMPERATURE, SamplingBatch
 from jaxserve.sampling.filters import order_keys, thresholds_by_search, thresholds_from_top
 from jaxserve.sampling.penalties import PenaltyState, apply_penalties, record_tokens
@@ -203,3 +210,31 @@ def sample(
         num_allowed=num_allowed,
         penalty=record_tokens(penalty, batch.slot, tokens),
     )
+
+
+def sample_with_grammar(
+    logits: jax.Array,
+    batch: SamplingBatch,
+    penalty: PenaltyState,
+    grammar: GrammarTables,
+    end_token_ids: jax.Array,
+    grammar_state: jax.Array,
+    num_top_logprobs: int = 20,
+    top_k_cap: int = DEFAULT_TOP_K_CAP,
+) -> tuple[SampleOutput, jax.Array]:
+    """`sample` with the grammar states kept on the device, so a constrained row can be dispatched before the
+    host has read its previous token (host work then overlaps the device step, as for unconstrained rows).
+
+    grammar_state i32 [R]: per slot, the normal pool row of the state after the slot's latest sampled token.
+    Each row takes its state from there (`grammar_from_device`) or from the host (`grammar_row`), picks the
+    mask row from it and `tokens_left`, samples, and stores the advanced state for its slot (padding rows and
+    non-final prefill chunks, slot -1, store nothing). Returns (output, updated grammar_state)."""
+    stored = grammar_state[jnp.maximum(batch.slot, 0)]
+    state_row = jnp.where(batch.grammar_from_device & (batch.slot >= 0), stored, batch.grammar_row)
+    constrained = state_row != UNCONSTRAINED_ROW
+    mask_row = jnp.where(constrained, grammar_mask_rows(grammar, state_row, batch.tokens_left), batch.mask_row)
+    out = sample(logits, dataclasses.replace(batch, mask_row=mask_row), penalty, grammar.mask, end_token_ids,
+                 num_top_logprobs=num_top_logprobs, top_k_cap=top_k_cap)
+    new_state = advance_grammar_rows(grammar, state_row, out.tokens, end_token_ids)
+    slots = jnp.where(batch.slot >= 0, batch.slot, grammar_state.shape[0])
+    return out, grammar_state.at[slots].set(new_state, mode="drop")

@@ -4,7 +4,7 @@ from __future__ import annotations
 from typing import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 # Latency buckets in seconds: TTFT spans a CPU prefill (seconds) down to a GPU one (milliseconds).
@@ -19,7 +19,7 @@ class _EngineGauges(Collector):
     def __init__(self, read_stats: Callable[[], object | None]) -> None:
         self._read_stats = read_stats
 
-    def collect(self) -> Iterator[GaugeMetricFamily]:
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         stats = self._read_stats()
         gauges = {
             "jaxserve_num_requests_running": ("Requests in the running batch", "num_running"),
@@ -32,6 +32,15 @@ class _EngineGauges(Collector):
             if stats is not None:
                 family.add_metric([], float(getattr(stats, attr)))
             yield family
+        # Requests whose constraint did not fit the device grammar tables and advanced on the host (their
+        # steps are synchronous: a sign to raise grammar_class_map_slots / grammar_next_capacity).
+        counter = CounterMetricFamily(
+            "jaxserve_constrained_host_advance_requests",
+            "Constrained requests whose grammar advanced on the host (device grammar tables full)",
+        )
+        if stats is not None:
+            counter.add_metric([], float(getattr(stats, "num_constrained_host_advance_total", 0)))
+        yield counter
 
     def describe(self) -> Iterator[GaugeMetricFamily]:
         return iter(())
