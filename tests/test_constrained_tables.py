@@ -185,3 +185,15 @@ def test_pool_transition_tables_follow_add_release_and_evict():
     pool.release(g4)
     assert not pool.add(big).device_advance and pool.num_host_advance == 2
     assert pool.residency(g4) is not None  # nothing was evicted for a grammar that cannot fit anyway
+    # Nor for one that would not fit even after evicting every unused grammar: g3 runs in one of the three
+    # next-state blocks, so a grammar of three blocks cannot get device tables and the cached g4 stays.
+    mid = next(g for g in (_random_grammar(("mid", n), n, rng) for n in range(30, 200))
+               if 2 * NEXT_BLOCK < g.next_by_class.size <= 3 * NEXT_BLOCK)
+    assert not pool.add(mid).device_advance and pool.residency(g4) is not None
+    pool.release(g3)
+    assert pool.add(g3).device_advance  # still resident, tables kept
+    pool.release(g3)
+    pool.release(mid)
+    assert pool.add(mid).device_advance  # now evicting the unused g3 and g4 makes room
+    assert pool.residency(g3) is None and pool.residency(g4) is None
+    check_device_tables(pool, mid)

@@ -290,7 +290,7 @@ class GrammarPool:
             return bool(self._free_class_slots) and self._find_free_run(self._next_used, need) is not None
 
         if need <= self.num_next_blocks and self.class_map_slots > 0:
-            if not fits():
+            if not fits() and self._fits_after_evicting_unused(need):
                 self._evict_unused_until(fits)
             if fits():
                 first = self._find_free_run(self._next_used, need)
@@ -327,6 +327,17 @@ class GrammarPool:
         for b in range(entry.num_blocks):
             self._meta = _write_block(self._meta, meta[b * BLOCK_ROWS : (b + 1) * BLOCK_ROWS],
                                       np.int32(offset + b * BLOCK_ROWS))
+
+    def _fits_after_evicting_unused(self, need: int) -> bool:
+        """Whether evicting every released grammar would make room for transition tables of `need` blocks
+        (cached grammars are not thrown out for a grammar that could not fit anyway)."""
+        used = self._next_used.copy()
+        slots = len(self._free_class_slots)
+        for e in self._resident.values():
+            if e.refcount == 0 and e.class_slot >= 0:
+                slots += 1
+                used[e.next_first_block : e.next_first_block + e.next_num_blocks] = False
+        return slots > 0 and self._find_free_run(used, need) is not None
 
     @staticmethod
     def _find_free_run(used: np.ndarray, num_blocks: int) -> int | None:
