@@ -173,11 +173,6 @@ class EngineConfig:
             raise ValueError("max_model_len must be >= 16")
         if self.grammar_class_map_slots < 0 or self.grammar_next_capacity < 0:
             raise ValueError("grammar_class_map_slots and grammar_next_capacity must be >= 0")
-
-    def with_platform_defaults(self, platform: str) -> "EngineConfig":
-        """Fill the fields left as None with the defaults of `platform` ("cpu", "gpu", "tpu")."""
-        d = PLATFORM_DEFAULTS["cpu" if platform == "cpu" else "accelerator"]
-        return dataclasses.replace(self, **{k: v for k, v in d.items() if getattr(self, k) is None})
         if self.attention_backend not in ("auto", "xla", "reference", "pallas"):
             raise ValueError(f"attention_backend must be auto, xla, reference or pallas, got {self.attention_backend!r}")
         if self.layer_loop not in ("auto", "scan", "loop"):
@@ -186,6 +181,11 @@ class EngineConfig:
             raise ValueError(f"dtype must be auto, float32 or bfloat16, got {self.dtype!r}")
         if not 0.0 < self.kv_memory_fraction <= 0.95:
             raise ValueError("kv_memory_fraction must be in (0, 0.95]")
+
+    def with_platform_defaults(self, platform: str) -> "EngineConfig":
+        """Fill the fields left as None with the defaults of `platform` ("cpu", "gpu", "tpu")."""
+        d = PLATFORM_DEFAULTS["cpu" if platform == "cpu" else "accelerator"]
+        return dataclasses.replace(self, **{k: v for k, v in d.items() if getattr(self, k) is None})
 
 
 @dataclass(frozen=True)

@@ -31,3 +31,12 @@ def test_kernels_keep_one_prefill_width():
 def test_host_malloc_tuning_applies_on_glibc():
     assert keep_freed_memory_in_heap() is True
     assert keep_freed_memory_in_heap() is True  # idempotent
+
+
+@pytest.mark.parametrize("field,value", [("attention_backend", "fast"), ("layer_loop", "unrolled"),
+                                         ("dtype", "float16"), ("kv_memory_fraction", 1.5)])
+def test_engine_config_rejects_bad_values(field, value):
+    from jaxserve.config import EngineConfig
+
+    with pytest.raises(ValueError, match=field):
+        EngineConfig(**{field: value})
