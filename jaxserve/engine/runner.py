@@ -66,13 +66,20 @@ class Buckets:
                 prefill_widths.append(w)
                 w *= 4
             prefill_widths.append(max_pages_per_row)
-        token_sizes = [t for t in (16, 64, 256, 1024, 4096) if t < max_chunk] + [max_chunk]
-        shapes = []
-        for t in sorted(set(token_sizes)):
-            rows = 1
-            while rows * t <= max(prefill_budget, t) and rows <= max_running:
-                shapes.append((rows, t))
-                rows *= 4
+        # Prefill shapes: per chunk length t (x2 ladder), one shape that fills the token budget with rows of t
+        # tokens, plus a single-row shape for t >= 64 (a lone prompt then pays for at most 2x its length, and
+        # two 128-token prompts share one 256-token step instead of taking two); the shortest chunks also get
+        # x4 row steps, so a few short prompts do not pay for a full budget.
+        token_sizes = _pow2_upto(max_chunk, start=min(16, max_chunk))
+        shapes = set()
+        for t in token_sizes:
+            full_rows = max(1, min(max(prefill_budget, t) // t, max_running))
+            shapes.add((full_rows, t))
+            if t >= 64 or t == max_chunk:
+                shapes.add((1, t))
+            if t == token_sizes[0]:
+                shapes.update((r, t) for r in (1, 4, 16, 64) if r < full_rows)
+        shapes = sorted(shapes, key=lambda s: (s[1], s[0]))
         max_rows = max(max_running, max(r for r, _ in shapes))
         # The sampler makes several full-vocabulary passes per row, so padding 32 rows to 64 costs as much as
         # the extra compile of a 32-row bucket: a x2 ladder from 8 rows.
