@@ -162,7 +162,9 @@ def make_decode_problem(shape: DecodeShape, key: jax.Array):
 
 def decode_impls(platform: str, interpret: bool, gpu_config: GpuKernelConfig) -> dict:
     """name -> fn(q, k_cache, v_cache, layer, page_table, seq_lens, q_start, *, scale) -> [B, 1, H, D]."""
-    impls = {"reference": paged_attention_reference}
+    from pallas_kernels.xla_attention import paged_attention_xla
+
+    impls = {"reference": paged_attention_reference, "xla": paged_attention_xla}
     if platform == "tpu":
         impls["ours"] = paged_attention_tpu
     else:

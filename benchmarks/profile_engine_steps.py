@@ -1,0 +1,85 @@
+"""Where the time of an engine step goes: wraps the runner's jitted forward and sampler programs with timers
+(each call waits for its result, so the host/device overlap is switched off while profiling) and drives one
+batch of requests through the engine.
+
+    python benchmarks/profile_engine_steps.py [--concurrency 32] [--prompt-len 128] [--output-len 128]
+        [--json-schema SCHEMA_TEXT]
+
+Prints, per program and shape, the number of calls, the median and the total seconds; then one JSON line.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import time
+from collections import defaultdict
+
+import jax
+
+from jaxserve.config import EngineConfig
+from jaxserve.engine.engine import LLMEngine
+from jaxserve.sampling.params import Constraint, SamplingParams
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--concurrency", type=int, default=32)
+    ap.add_argument("--prompt-len", type=int, default=128)
+    ap.add_argument("--output-len", type=int, default=128)
+    ap.add_argument("--max-model-len", type=int, default=512)
+    ap.add_argument("--json-schema", default=None)
+    args = ap.parse_args()
+
+    engine = LLMEngine(EngineConfig(model=args.model, max_running_requests=args.concurrency,
+                                    max_model_len=args.max_model_len))
+    warm_s = engine.warmup()
+    runner = engine.runner
+    timings: dict[str, list[float]] = defaultdict(list)
+    forward, sample = runner._forward, runner._sample
+
+    def timed_forward(*a):
+        t0 = time.perf_counter()
+        out = forward(*a)
+        jax.block_until_ready(out[0])
+        inp = a[-1]
+        timings[f"forward rows x tokens x pages {inp.tokens.shape[0]}x{inp.tokens.shape[1]}x{inp.meta.page_table.shape[1]}"].append(time.perf_counter() - t0)
+        return out
+
+    def timed_sample(*a):
+        t0 = time.perf_counter()
+        out = sample(*a)
+        jax.block_until_ready(out[0].tokens)
+        timings[f"sampler rows {a[0].shape[0]}"].append(time.perf_counter() - t0)
+        return out
+
+    runner._forward, runner._sample = timed_forward, timed_sample
+    constraint = Constraint("json_schema", args.json_schema) if args.json_schema else None
+    params = SamplingParams(max_tokens=args.output_len, temperature=1.0, ignore_eos=constraint is None, seed=1,
+                            constraint=constraint)
+    grammar = engine.compile_constraint(constraint) if constraint else None
+    rng = random.Random(args.concurrency)
+    for i in range(args.concurrency):
+        engine.add_request(f"p{i}", [rng.randrange(100, 49000) for _ in range(args.prompt_len)], params, grammar)
+    steps, t0 = [], time.perf_counter()
+    while engine.has_work():
+        s0 = time.perf_counter()
+        engine.step()
+        steps.append((time.perf_counter() - s0, len(engine.scheduler.running)))
+    total = time.perf_counter() - t0
+    full = [dt for dt, n in steps if n == args.concurrency]
+    rows = {}
+    for name, v in sorted(timings.items(), key=lambda kv: -sum(kv[1])):
+        rows[name] = {"calls": len(v), "median_ms": round(statistics.median(v) * 1e3, 1), "total_s": round(sum(v), 2)}
+        print(f"{name:45s} calls {len(v):4d}  median {rows[name]['median_ms']:8.1f} ms  total {rows[name]['total_s']:7.2f} s")
+    step_ms = round(statistics.median(full) * 1e3, 1) if full else None
+    print(f"{len(steps)} steps in {total:.1f} s; median step with all {args.concurrency} requests running: {step_ms} ms")
+    print(json.dumps({"bench": "profile_engine_steps", "concurrency": args.concurrency, "warmup_s": round(warm_s, 1),
+                      "steps": len(steps), "seconds": round(total, 2), "full_batch_step_ms": step_ms,
+                      "constrained": constraint is not None, "programs": rows}))
+
+
+if __name__ == "__main__":
+    main()
