@@ -9,15 +9,15 @@ from jaxserve.engine.host_memory import keep_freed_memory_in_heap
 from jaxserve.engine.runner import Buckets
 
 
-def test_prefill_width_ladder_for_xla_attention():
-    b = Buckets.make(16, 128, 256, 256, prefill_width_ladder=True)
+def test_short_prefill_width_for_xla_attention():
+    b = Buckets.make(16, 128, 256, 256, short_prefill_width=True)
     assert b.page_widths == (16, 32, 64, 128)
-    assert b.prefill_widths == (16, 64, 128)
+    assert b.prefill_widths == (16, 128)
     # A 128-token prompt (8 pages) runs as 128 tokens over 16 pages, not 256 tokens over the 128 pages of the
     # longest context; two of them share one step.
     assert b.prefill_shape(1, 128, 8) == (1, 128, 16)
     assert b.prefill_shape(2, 128, 8) == (2, 128, 16)
-    assert b.prefill_shape(4, 16, 17) == (4, 16, 64)
+    assert b.prefill_shape(4, 16, 17) == (4, 16, 128)
     assert b.prefill_shape(1, 200, 128) == (1, 256, 128)
     assert b.prefill_shapes == ((1, 16), (4, 16), (16, 16), (8, 32), (1, 64), (4, 64), (1, 128), (2, 128), (1, 256))
     # The scheduler's chunk cap per number of rows follows the shapes.

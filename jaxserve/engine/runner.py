@@ -54,18 +54,16 @@ class Buckets:
 
     @classmethod
     def make(cls, max_running: int, max_pages_per_row: int, prefill_budget: int, max_chunk: int,
-             prefill_width_ladder: bool = False) -> "Buckets":
-        """`prefill_width_ladder`: also bucket prefill steps by page-table width (x4 apart), for attention
-        backends whose cost grows with the width (the XLA formulations attend over every page-table slot;
-        the kernels skip the pages past each row's length, so for them one full width suffices)."""
+             short_prefill_width: bool = False) -> "Buckets":
+        """`short_prefill_width`: prefill steps get a short page-table width (the smallest decode width) besides
+        the full one, for attention backends whose cost grows with the width (the XLA formulations attend over
+        every page-table slot; the kernels skip the pages past each row's length, so for them one full width
+        suffices). Only two widths: prefill programs are the slowest to compile, and on CPU every one of them
+        is paid at start-up."""
         widths = _pow2_upto(max_pages_per_row, start=min(16, max_pages_per_row))
         prefill_widths = [max_pages_per_row]
-        if prefill_width_ladder:
-            prefill_widths, w = [], widths[0]
-            while w < max_pages_per_row:
-                prefill_widths.append(w)
-                w *= 4
-            prefill_widths.append(max_pages_per_row)
+        if short_prefill_width:
+            prefill_widths = sorted({widths[0], max_pages_per_row})
         # Prefill shapes: per chunk length t (x2 ladder), one shape that fills the token budget with rows of t
         # tokens, plus a single-row shape for t >= 64 (a lone prompt then pays for at most 2x its length, and
         # two 128-token prompts share one 256-token step instead of taking two); the shortest chunks also get
@@ -236,7 +234,7 @@ class ModelRunner:
         self.max_chunk = max_chunk
         self.buckets = Buckets.make(
             engine_config.max_running_requests, self.max_pages_per_row, engine_config.max_num_batched_tokens, max_chunk,
-            prefill_width_ladder=self.attention_name in ("xla", "reference"),
+            short_prefill_width=self.attention_name in ("xla", "reference"),
         )
         self.max_prefill_rows = max(r for r, _ in self.buckets.prefill_shapes)
 
