@@ -1,7 +1,7 @@
 """JSONSchemaBench through the engine: for every schema that compiles, one sample from the tiny random model
 (temperature 1, so the constraint does all the work) must validate with `jsonschema`. Prints a JSON line last.
 
-    python benchmarks/jsonschemabench_engine.py [--data DIR] [--limit N] [--max-tokens 384]
+    python benchmarks/jsonschemabench_engine.py [--data DIR] [--start K] [--limit N] [--max-tokens 384]
 """
 from __future__ import annotations
 
@@ -26,7 +26,8 @@ DEFAULT_DATA = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" /
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--data", default=str(DEFAULT_DATA))
-    ap.add_argument("--limit", type=int, default=0, help="schemas per subset (0: all)")
+    ap.add_argument("--start", type=int, default=0, help="skip the first K schemas of each subset (sorted by name)")
+    ap.add_argument("--limit", type=int, default=0, help="schemas per subset after --start (0: all)")
     ap.add_argument("--max-tokens", type=int, default=384)
     ap.add_argument("--max-running", type=int, default=64)
     args = ap.parse_args()
@@ -38,7 +39,7 @@ def main() -> None:
     engine.warmup()
     summary = {}
     for subset in sorted(p for p in pathlib.Path(args.data).iterdir() if p.is_dir()):
-        files = sorted(subset.glob("*.json"))[: args.limit or None]
+        files = sorted(subset.glob("*.json"))[args.start:][: args.limit or None]
         t0 = time.perf_counter()
         reasons: collections.Counter = collections.Counter()
         schemas: dict[str, dict] = {}
