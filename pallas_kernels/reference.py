@@ -82,6 +82,16 @@ def key_visibility_mask(
     return visible
 
 
+def masked_softmax_terms(logits: jax.Array, visible: jax.Array, axis: int) -> tuple[jax.Array, jax.Array]:
+    """Unnormalised softmax weights along `axis` over the visible keys, and their sum (keepdims). The max is
+    pinned to 0 where a query sees no key (padding), so its weights and sum are exactly 0, never NaN."""
+    masked = jnp.where(visible, logits, -jnp.inf)
+    peak = jnp.max(masked, axis=axis, keepdims=True)
+    peak = jnp.where(jnp.isfinite(peak), peak, 0.0)
+    weights = jnp.where(visible, jnp.exp(masked - peak), 0.0)
+    return weights, jnp.sum(weights, axis=axis, keepdims=True)
+
+
 def apply_soft_cap(logits: jax.Array, soft_cap: float | None) -> jax.Array:
     if soft_cap is None:
         return logits
@@ -138,12 +148,7 @@ def paged_attention_reference(
     )  # [B, Tq, kv_len]
     visible = visible[:, None, None, :, :]  # broadcast over KV, G
 
-    masked = jnp.where(visible, logits, -jnp.inf)
-    row_max = jnp.max(masked, axis=-1, keepdims=True)
-    # A query with no visible key (padding) gets max -inf; pin it to 0 so exp stays finite.
-    row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
-    weights = jnp.where(visible, jnp.exp(masked - row_max), 0.0)
-    denom = jnp.sum(weights, axis=-1, keepdims=True)
+    weights, denom = masked_softmax_terms(logits, visible, axis=-1)
     out = jnp.einsum(
         "bkgts,bksd->btkgd", weights, values.astype(jnp.float32), preferred_element_type=jnp.float32,
         precision=_PRECISION,

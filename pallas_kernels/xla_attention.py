@@ -20,7 +20,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.reference import apply_soft_cap, key_visibility_mask, validate_paged_attention_args
+from pallas_kernels.reference import (
+    apply_soft_cap, key_visibility_mask, masked_softmax_terms, validate_paged_attention_args,
+)
 
 _PRECISION = jax.lax.Precision.HIGHEST
 
@@ -76,11 +78,8 @@ def paged_attention_xla(
         sliding_window,
     )[None]  # [1, B, kv_len, Tq * G]
 
-    masked = jnp.where(visible, logits, -jnp.inf)
-    col_max = jnp.max(masked, axis=2, keepdims=True)
-    col_max = jnp.where(jnp.isfinite(col_max), col_max, 0.0)  # padding query: no visible key
-    weights = jnp.where(visible, jnp.exp(masked - col_max), 0.0)
-    denom = jnp.sum(weights, axis=2)[..., None]  # [KV, B, Tq * G, 1]
+    weights, denom = masked_softmax_terms(logits, visible, axis=2)
+    denom = jnp.swapaxes(denom, 2, 3)  # [KV, B, Tq * G, 1]
     # Weights transposed to [KV, B, Tq * G, kv_len] (small) so the dot contracts the lhs's minor dimension,
     # the form XLA:CPU hands to its fast matmul library.
     out = jnp.einsum(
