@@ -2,6 +2,7 @@
 one decode step at batch 1 against one bare jitted forward pass of the same model.
 
     python benchmarks/bench_offline.py [--model PATH] [--concurrency 1 8 32 64] [--prompt-len 128] [--output-len 128]
+        [--json-schema SCHEMA --constrained-concurrency 32 --pairs 3]
 
 Prints a human-readable line per level, then one JSON line last.
 """
@@ -72,16 +73,17 @@ def decode_step_overhead(engine: LLMEngine, context: int, iters: int = 20) -> di
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--model", default=None, help="HF directory or .gguf; default: the embedded SmolLM2-135M")
-    ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32, 64])
+    ap.add_argument("--concurrency", type=int, nargs="*", default=[1, 8, 32, 64], help="levels (none: only the pairs)")
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--output-len", type=int, default=128)
     ap.add_argument("--max-model-len", type=int, default=512)
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--json-schema", default=None, help="also run --constrained-concurrency with this JSON schema on every request")
     ap.add_argument("--constrained-concurrency", type=int, default=32)
+    ap.add_argument("--pairs", type=int, default=1, help="unconstrained/json_schema pairs, order alternating")
     args = ap.parse_args()
 
-    cfg = EngineConfig(model=args.model, max_running_requests=max(args.concurrency),
+    cfg = EngineConfig(model=args.model, max_running_requests=max([*args.concurrency, args.constrained_concurrency]),
                        max_model_len=args.max_model_len, dtype=args.dtype)
     t0 = time.perf_counter()
     engine = LLMEngine(cfg)
@@ -95,16 +97,32 @@ def main() -> None:
               f"full batch {r['full_batch_tok_s']} tok/s", flush=True)
         results.append(r)
     constrained = []
+    pairs = []
     if args.json_schema:
         from jaxserve.sampling.params import Constraint
 
-        # Back to back with an unconstrained run of the same prompts, so both see the same machine state.
+        # Each pair runs the same prompts unconstrained and with the schema back to back, so both see the same
+        # machine state; the order alternates between pairs so a drift of the machine's speed cancels out.
         c = args.constrained_concurrency
-        for label, constraint in (("unconstrained", None), ("json_schema", Constraint("json_schema", args.json_schema))):
-            r = run_level(engine, c, args.prompt_len, args.output_len, seed=c, constraint=constraint)
-            print(f"concurrency {c:3d} {label}: {r['output_tok_s']:8.2f} output tok/s, decode {r['decode_tok_s']} tok/s, "
-                  f"full batch {r['full_batch_tok_s']} tok/s", flush=True)
-            constrained.append({"constraint": label, **r})
+        runs = (("unconstrained", None), ("json_schema", Constraint("json_schema", args.json_schema)))
+        for pair in range(args.pairs):
+            by_label = {}
+            for label, constraint in (runs if pair % 2 == 0 else runs[::-1]):
+                r = run_level(engine, c, args.prompt_len, args.output_len, seed=c, constraint=constraint)
+                print(f"pair {pair} concurrency {c:3d} {label}: {r['output_tok_s']:8.2f} output tok/s, "
+                      f"decode {r['decode_tok_s']} tok/s, full batch {r['full_batch_tok_s']} tok/s, "
+                      f"{r['cpu_ms_per_token']} CPU ms/token", flush=True)
+                constrained.append({"pair": pair, "constraint": label, **r})
+                by_label[label] = r
+            # Rates: negative = the constraint is slower. CPU time per token: positive = the constraint costs more.
+            pairs.append({key: round(by_label["json_schema"][key] / by_label["unconstrained"][key] - 1.0, 4)
+                          for key in ("output_tok_s", "full_batch_tok_s", "cpu_ms_per_token")
+                          if by_label["json_schema"][key] and by_label["unconstrained"][key]})
+        for key in ("output_tok_s", "full_batch_tok_s", "cpu_ms_per_token"):
+            diffs = sorted(p[key] for p in pairs if key in p)
+            if diffs:
+                print(f"json_schema vs unconstrained, {key}: median {float(np.median(diffs)):+.1%} "
+                      f"over {len(diffs)} pairs {[f'{d:+.1%}' for d in diffs]}", flush=True)
     overhead = decode_step_overhead(engine, args.prompt_len)
     print(f"batch-1 decode step {overhead['engine_decode_step_ms']} ms vs bare forward "
           f"{overhead['bare_forward_ms']} ms (x{overhead['ratio']})", flush=True)
@@ -114,7 +132,8 @@ def main() -> None:
         "device": jax.devices()[0].device_kind, "cpus": __import__("os").cpu_count(), "machine": platform.machine(),
         "prompt_len": args.prompt_len, "output_len": args.output_len, "load_s": round(load_s, 2),
         "warmup_s": round(warm_s, 2), "levels": results, "constrained_levels": constrained,
-        "scaling_vs_1": {c: round(v / by_c[args.concurrency[0]], 2) for c, v in by_c.items()},
+        "constrained_vs_unconstrained": pairs,
+        "scaling_vs_1": {c: round(v / by_c[args.concurrency[0]], 2) for c, v in by_c.items()} if by_c else {},
         "decode_overhead": overhead,
     }
     print(json.dumps(summary))

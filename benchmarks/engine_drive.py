@@ -14,7 +14,11 @@ def drive(engine: LLMEngine, num_requests: int, t0: float) -> dict:
       the batch shrinks as requests finish, so runs whose outputs differ in length are not comparable here.
     - full_batch_tok_s: only the steps while every request is decoding (all started, none finished): the
       decode rate at exactly `num_requests` rows, the fair way to compare two runs whose outputs end at
-      different lengths (e.g. constrained and unconstrained)."""
+      different lengths (e.g. constrained and unconstrained).
+    - cpu_ms_per_token: the process's CPU time (all threads, user + system) per generated token. Time the
+      hypervisor steals from this VM is not in it, so on a VM with fluctuating steal it compares two runs
+      more reliably than wall-clock rates (it does include XLA's worker threads spinning while waiting)."""
+    cpu0 = time.process_time()
     generated = 0
     first_token = None
     started: set[str] = set()
@@ -40,9 +44,11 @@ def drive(engine: LLMEngine, num_requests: int, t0: float) -> dict:
             if not any_finished:
                 full_t0, full_n0 = now, generated
     end = time.perf_counter()
+    cpu_s = time.process_time() - cpu0
     decode_tok_s = (generated - decode_n0) / (end - decode_t0) if decode_t0 and end > decode_t0 else None
     full_tok_s = (full_n1 - full_n0) / (full_t1 - full_t0) if full_t1 and full_t1 > full_t0 else None
     return {"output_tokens": generated, "seconds": round(end - t0, 3),
             "output_tok_s": round(generated / (end - t0), 2), "first_token_s": round(first_token or 0.0, 3),
             "decode_tok_s": round(decode_tok_s, 2) if decode_tok_s else None,
-            "full_batch_tok_s": round(full_tok_s, 2) if full_tok_s else None}
+            "full_batch_tok_s": round(full_tok_s, 2) if full_tok_s else None,
+            "cpu_s": round(cpu_s, 2), "cpu_ms_per_token": round(cpu_s / max(generated, 1) * 1e3, 2)}
