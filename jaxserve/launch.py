@@ -33,6 +33,10 @@ _ALIASES = {  # SGLang / vLLM spellings users already know
 }
 
 
+def _cache_dir_flag(value: str) -> str | None:
+    return None if value.lower() in ("none", "off", "") else value
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m jaxserve.launch",
@@ -57,6 +61,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--attention-backend", choices=["auto", "xla", "reference", "pallas"], default=S,
                    help="auto: xla (pure JAX tuned for XLA:CPU) on CPU, our Pallas kernels on GPU/TPU")
     p.add_argument("--tp-size", "--tp", dest="tp_size", type=int, default=S, help="tensor-parallel devices")
+    p.add_argument("--layer-loop", choices=["auto", "scan", "loop"], default=S,
+                   help="decoder layers as a Python loop (auto on CPU) or one lax.scan (auto elsewhere)")
+    p.add_argument("--compilation-cache-dir", type=_cache_dir_flag, default=S,
+                   help="persistent XLA compilation cache: a directory, 'auto' ($JAXSERVE_CACHE/xla, the default) "
+                        "or 'none'")
+    p.add_argument("--grammar-capacity-states", type=int, default=S,
+                   help="rows of the device pool of constraint mask rows (vocab/8 bytes each)")
+    p.add_argument("--grammar-class-map-slots", type=int, default=S,
+                   help="grammars whose state advances on the device at once (one vocab-wide int32 row each)")
+    p.add_argument("--grammar-next-capacity", type=int, default=S,
+                   help="entries of the device next-state tables shared by those grammars (int32 each)")
     p.add_argument("--seed", type=int, default=S)
     p.add_argument("--api-key", default=S, help="require `Authorization: Bearer KEY` (default: $JAXSERVE_API_KEY)")
     p.add_argument("--log-level", choices=["critical", "error", "warning", "info", "debug"], default=S)

@@ -30,6 +30,17 @@ def test_flags_override_yaml_and_aliases(tmp_path):
     assert (cfg.served_model_name, cfg.engine.tp_size, cfg.api_key, cfg.log_level) == ("m", 2, "k", "debug")
 
 
+def test_engine_flags_for_compilation_cache_layer_loop_and_grammar_pool():
+    cfg = parse_config(["--compilation-cache-dir", "none", "--layer-loop", "scan", "--grammar-capacity-states", "4096",
+                        "--grammar-class-map-slots", "8", "--grammar-next-capacity", "65536"], environ={}).engine
+    assert (cfg.compilation_cache_dir, cfg.layer_loop) == (None, "scan")
+    assert (cfg.grammar_capacity_states, cfg.grammar_class_map_slots, cfg.grammar_next_capacity) == (4096, 8, 65536)
+    assert parse_config(["--compilation-cache-dir", "/tmp/x"], environ={}).engine.compilation_cache_dir == "/tmp/x"
+    assert parse_config([], environ={}).engine.compilation_cache_dir == "auto"
+    with pytest.raises(ValueError, match="grammar_class_map_slots"):
+        parse_config(["--grammar-class-map-slots", "-1"], environ={})
+
+
 def test_api_key_from_environment_and_flag_wins():
     assert parse_config([], environ={"JAXSERVE_API_KEY": "env"}).api_key == "env"
     assert parse_config(["--api-key", "flag"], environ={"JAXSERVE_API_KEY": "env"}).api_key == "flag"
