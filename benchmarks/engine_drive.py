@@ -17,7 +17,8 @@ def drive(engine: LLMEngine, num_requests: int, t0: float) -> dict:
       different lengths (e.g. constrained and unconstrained).
     - cpu_ms_per_token: the process's CPU time (all threads, user + system) per generated token. Time the
       hypervisor steals from this VM is not in it, so on a VM with fluctuating steal it compares two runs
-      more reliably than wall-clock rates (it does include XLA's worker threads spinning while waiting)."""
+      more reliably than wall-clock rates (it counts XLA's worker threads too, including any time they
+      spin waiting for work, and memory stalls from other tenants still inflate it)."""
     cpu0 = time.process_time()
     generated = 0
     first_token = None

@@ -3,7 +3,7 @@
 batch of requests through the engine.
 
     python benchmarks/profile_engine_steps.py [--concurrency 32] [--prompt-len 128] [--output-len 128]
-        [--json-schema SCHEMA_TEXT]
+        [--json-schema SCHEMA_TEXT [--runs N]]
 
 Prints, per program and shape, the number of calls, the median and the total seconds; then one JSON line.
 """
@@ -31,6 +31,7 @@ def main() -> None:
     ap.add_argument("--output-len", type=int, default=128)
     ap.add_argument("--max-model-len", type=int, default=512)
     ap.add_argument("--json-schema", default=None)
+    ap.add_argument("--runs", type=int, default=1, help="with --json-schema: alternate unconstrained / json_schema runs")
     args = ap.parse_args()
 
     engine = LLMEngine(EngineConfig(model=args.model, max_running_requests=args.concurrency,
@@ -56,29 +57,40 @@ def main() -> None:
         return out
 
     runner._forward, runner._sample = timed_forward, timed_sample
-    constraint = Constraint("json_schema", args.json_schema) if args.json_schema else None
-    params = SamplingParams(max_tokens=args.output_len, temperature=1.0, ignore_eos=constraint is None, seed=1,
-                            constraint=constraint)
-    grammar = engine.compile_constraint(constraint) if constraint else None
-    rng = random.Random(args.concurrency)
-    for i in range(args.concurrency):
-        engine.add_request(f"p{i}", [rng.randrange(100, 49000) for _ in range(args.prompt_len)], params, grammar)
-    steps, t0 = [], time.perf_counter()
-    while engine.has_work():
-        s0 = time.perf_counter()
-        engine.step()
-        steps.append((time.perf_counter() - s0, len(engine.scheduler.running)))
-    total = time.perf_counter() - t0
-    full = [dt for dt, n in steps if n == args.concurrency]
-    rows = {}
-    for name, v in sorted(timings.items(), key=lambda kv: -sum(kv[1])):
-        rows[name] = {"calls": len(v), "median_ms": round(statistics.median(v) * 1e3, 1), "total_s": round(sum(v), 2)}
-        print(f"{name:45s} calls {len(v):4d}  median {rows[name]['median_ms']:8.1f} ms  total {rows[name]['total_s']:7.2f} s")
-    step_ms = round(statistics.median(full) * 1e3, 1) if full else None
-    print(f"{len(steps)} steps in {total:.1f} s; median step with all {args.concurrency} requests running: {step_ms} ms")
+    schema = Constraint("json_schema", args.json_schema) if args.json_schema else None
+    runs = []
+    for run in range(args.runs):
+        # With --runs > 1 and a schema, runs alternate unconstrained / json_schema in this one process, so the
+        # programs' medians compare under the same machine state.
+        constraint = schema if schema is not None and (args.runs == 1 or run % 2 == 1) else None
+        params = SamplingParams(max_tokens=args.output_len, temperature=1.0, ignore_eos=constraint is None, seed=1,
+                                constraint=constraint)
+        grammar = engine.compile_constraint(constraint) if constraint else None
+        rng = random.Random(args.concurrency)
+        timings.clear()
+        for i in range(args.concurrency):
+            engine.add_request(f"r{run}-p{i}", [rng.randrange(100, 49000) for _ in range(args.prompt_len)], params,
+                               grammar)
+        steps, t0 = [], time.perf_counter()
+        while engine.has_work():
+            s0 = time.perf_counter()
+            engine.step()
+            steps.append((time.perf_counter() - s0, len(engine.scheduler.running)))
+        total = time.perf_counter() - t0
+        full = [dt for dt, n in steps if n == args.concurrency]
+        rows = {}
+        label = "json_schema" if constraint is not None else "unconstrained"
+        print(f"run {run} ({label})")
+        for name, v in sorted(timings.items(), key=lambda kv: -sum(kv[1])):
+            rows[name] = {"calls": len(v), "median_ms": round(statistics.median(v) * 1e3, 1), "total_s": round(sum(v), 2)}
+            print(f"  {name:45s} calls {len(v):4d}  median {rows[name]['median_ms']:8.1f} ms  total {rows[name]['total_s']:7.2f} s")
+        step_ms = round(statistics.median(full) * 1e3, 1) if full else None
+        print(f"  {len(steps)} steps in {total:.1f} s; median step with all {args.concurrency} requests running: {step_ms} ms",
+              flush=True)
+        runs.append({"run": run, "constrained": constraint is not None, "steps": len(steps), "seconds": round(total, 2),
+                     "full_batch_step_ms": step_ms, "programs": rows})
     print(json.dumps({"bench": "profile_engine_steps", "concurrency": args.concurrency, "warmup_s": round(warm_s, 1),
-                      "steps": len(steps), "seconds": round(total, 2), "full_batch_step_ms": step_ms,
-                      "constrained": constraint is not None, "programs": rows}))
+                      "runs": runs}))
 
 
 if __name__ == "__main__":
