@@ -14,7 +14,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 
 FLAG_SETS = {
     "default": "",
@@ -27,23 +26,17 @@ FLAG_SETS = {
 HIDDEN, INTERMEDIATE, VOCAB, LAYERS = 576, 1536, 49152, 8
 
 
-def median_ms(fn, *args, n: int = 15) -> float:
-    import numpy as np
-
-    fn(*args)
-    times = []
-    for _ in range(n):
-        t0 = time.perf_counter()
-        fn(*args)
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times)) * 1e3
-
-
 def measure(rows: list[int]) -> dict:
     """In this process (flags already in the environment): GFLOP/s of 8 layers' MLPs and of the LM head."""
     import jax
     import jax.numpy as jnp
     import numpy as np
+
+    from bench_sampler import time_calls  # median ms of timed calls; benchmarks/ is on sys.path here
+
+    def median_ms(fn, *args) -> float:
+        fn(*args)  # compile / warm up outside the timed calls
+        return time_calls(lambda: fn(*args), 15)
 
     rng = np.random.default_rng(0)
     w_gate_up = jnp.asarray(rng.standard_normal((HIDDEN, 2 * INTERMEDIATE)) * 0.02, jnp.float32)
@@ -61,8 +54,8 @@ def measure(rows: list[int]) -> dict:
     out = {}
     for m in rows:
         x = jnp.asarray(rng.standard_normal((m, HIDDEN)), jnp.float32)
-        mlp_ms = median_ms(lambda *a: mlps(*a).block_until_ready(), x, w_gate_up, w_down)
-        head_ms = median_ms(lambda *a: head(*a).block_until_ready(), x, w_head)
+        mlp_ms = median_ms(mlps, x, w_gate_up, w_down)
+        head_ms = median_ms(head, x, w_head)
         mlp_flop = LAYERS * 2 * m * (HIDDEN * 2 * INTERMEDIATE + INTERMEDIATE * HIDDEN)
         head_flop = 2 * m * HIDDEN * VOCAB
         out[m] = {"mlp_ms": round(mlp_ms, 2), "mlp_gflops": round(mlp_flop / mlp_ms / 1e6, 1),

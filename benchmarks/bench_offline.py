@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import random
 import time
 
 import jax
@@ -24,21 +23,16 @@ from jaxserve.models.contiguous import ContiguousCacheOps, ContiguousMeta, init_
 from jaxserve.models.forward import make_forward
 from jaxserve.sampling.params import SamplingParams
 
-from engine_drive import drive  # benchmarks/ is on sys.path when a script here runs
+from engine_drive import add_batch, drive  # benchmarks/ is on sys.path when a script here runs
 
 
 def run_level(engine: LLMEngine, concurrency: int, prompt_len: int, output_len: int, seed: int,
               constraint=None) -> dict:
-    rng = random.Random(seed)
-    # Seeded sampling at temperature 1 for every level, so constrained and unconstrained runs take the same
-    # sampler path; unconstrained rows ignore EOS so every request produces exactly output_len tokens.
-    params = SamplingParams(max_tokens=output_len, temperature=1.0, ignore_eos=constraint is None, seed=seed,
-                            constraint=constraint)
-    grammar = engine.compile_constraint(constraint) if constraint is not None else None
+    # The constraint is compiled here, before the clock starts (the engine caches it).
+    if constraint is not None:
+        engine.compile_constraint(constraint)
     t0 = time.perf_counter()
-    for i in range(concurrency):
-        prompt = [rng.randrange(100, 49000) for _ in range(prompt_len)]
-        engine.add_request(f"b{concurrency}-{i}", prompt, params, grammar)
+    add_batch(engine, f"b{concurrency}", concurrency, prompt_len, output_len, seed, constraint)
     return {"concurrency": concurrency, **drive(engine, concurrency, t0)}
 
 

@@ -1,9 +1,24 @@
 """Shared by the engine benchmarks: step an engine until its requests finish and measure the rates."""
 from __future__ import annotations
 
+import random
 import time
 
 from jaxserve.engine.engine import LLMEngine
+from jaxserve.sampling.params import Constraint, SamplingParams
+
+
+def add_batch(engine: LLMEngine, prefix: str, count: int, prompt_len: int, output_len: int, seed: int,
+              constraint: Constraint | None = None) -> None:
+    """The engine benchmarks' workload: `count` random prompts of `prompt_len` tokens (drawn from `seed`), seeded
+    sampling at temperature 1 (so constrained and unconstrained runs take the same sampler path), and
+    unconstrained rows ignore EOS so each produces exactly `output_len` tokens."""
+    rng = random.Random(seed)
+    params = SamplingParams(max_tokens=output_len, temperature=1.0, ignore_eos=constraint is None, seed=seed,
+                            constraint=constraint)
+    grammar = engine.compile_constraint(constraint) if constraint is not None else None
+    for i in range(count):
+        engine.add_request(f"{prefix}-{i}", [rng.randrange(100, 49000) for _ in range(prompt_len)], params, grammar)
 
 
 def drive(engine: LLMEngine, num_requests: int, t0: float) -> dict:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import statistics
 import time
 from collections import defaultdict
@@ -20,7 +19,9 @@ import jax
 
 from jaxserve.config import EngineConfig
 from jaxserve.engine.engine import LLMEngine
-from jaxserve.sampling.params import Constraint, SamplingParams
+from jaxserve.sampling.params import Constraint
+
+from engine_drive import add_batch  # benchmarks/ is on sys.path when a script here runs
 
 
 def main() -> None:
@@ -63,14 +64,8 @@ def main() -> None:
         # With --runs > 1 and a schema, runs alternate unconstrained / json_schema in this one process, so the
         # programs' medians compare under the same machine state.
         constraint = schema if schema is not None and (args.runs == 1 or run % 2 == 1) else None
-        params = SamplingParams(max_tokens=args.output_len, temperature=1.0, ignore_eos=constraint is None, seed=1,
-                                constraint=constraint)
-        grammar = engine.compile_constraint(constraint) if constraint else None
-        rng = random.Random(args.concurrency)
         timings.clear()
-        for i in range(args.concurrency):
-            engine.add_request(f"r{run}-p{i}", [rng.randrange(100, 49000) for _ in range(args.prompt_len)], params,
-                               grammar)
+        add_batch(engine, f"r{run}", args.concurrency, args.prompt_len, args.output_len, args.concurrency, constraint)
         steps, t0 = [], time.perf_counter()
         while engine.has_work():
             s0 = time.perf_counter()
