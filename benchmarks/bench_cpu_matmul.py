@@ -1,5 +1,5 @@
 """XLA:CPU matmul throughput on SmolLM2-135M's decode shapes under XLA's alternative CPU code paths, next to
-OpenBLAS through NumPy: does an XLA flag make the 32-row (decode) or 512-row (prefill) matmuls faster?
+OpenBLAS through NumPy (and, with the default flags, NumPy's memory read and copy rates): does an XLA flag make the 32-row (decode) or 512-row (prefill) matmuls faster?
 
     python benchmarks/bench_cpu_matmul.py [--rows 32 512] [--repeats 2]
 
@@ -64,6 +64,12 @@ def measure(rows: list[int]) -> dict:
             xn, wn = np.asarray(x), np.asarray(w_head)
             numpy_ms = median_ms(lambda a, b: a @ b, xn, wn)
             out[m]["numpy_head_gflops"] = round(head_flop / numpy_ms / 1e6, 1)
+    if os.environ.get("XLA_FLAGS", "") == "":
+        # The memory rates the decode step is bound by: one NumPy thread reading, and copying, 256 MB.
+        big = np.ones(64 * 1024 * 1024, np.float32)
+        dst = np.empty_like(big)
+        out["memory"] = {"read_gb_s": round(big.nbytes / median_ms(np.sum, big) / 1e6, 2),
+                         "copy_gb_s": round(2 * big.nbytes / median_ms(np.copyto, dst, big) / 1e6, 2)}
     return out
 
 
