@@ -13,18 +13,19 @@ from typing import Sequence
 import jax
 import numpy as np
 
-from jaxserve.sampling.params import SamplingParams
+from jaxserve.sampling.params import MAX_LOGIT_BIAS_ENTRIES, SamplingParams
 
 # Width of the sparse logit_bias pairs. It equals the most entries SamplingParams accepts (300), so every valid
 # request fits and the width never changes (no recompiles). The cost is a [B, 300] scatter-add per step and
 # B * 300 * 8 bytes of host->device traffic (150 KiB at B = 64): negligible next to the [B, V] work.
-MAX_LOGIT_BIAS = 300
+MAX_LOGIT_BIAS = MAX_LOGIT_BIAS_ENTRIES
 
 # Temperatures at or below this are treated as greedy: dividing logits by a near-zero temperature only
 # reproduces argmax with extra overflow risk (the same cut vLLM makes).
 GREEDY_TEMPERATURE = 1e-5
 
 _UINT32_MASK = (1 << 32) - 1
+_INT32_MAX = (1 << 31) - 1
 _UINT64_MASK = (1 << 64) - 1
 
 
@@ -145,7 +146,9 @@ def build_sampling_batch(rows: Sequence[SamplingRow], num_rows: int) -> Sampling
             raise ValueError("grammar_from_device needs the row's slot (where the device stored the state)")
         temperature[i] = p.temperature
         top_p[i] = p.top_p
-        top_k[i] = p.top_k
+        # validate() bounds top_k to int32. Should an unvalidated value get here anyway, <= 0 and anything past
+        # int32 (>= any vocabulary) both mean off: write -1 rather than overflow and fail the whole step.
+        top_k[i] = p.top_k if 0 < p.top_k <= _INT32_MAX else -1
         min_p[i] = p.min_p
         presence[i] = p.presence_penalty
         frequency[i] = p.frequency_penalty

@@ -12,6 +12,8 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from jaxserve.sampling.params import MAX_N, MAX_TOP_LOGPROBS
+
 _INT64_MIN = -(2**63)
 _INT64_MAX = 2**63 - 1
 
@@ -155,7 +157,8 @@ class CompletionRequest(_SamplingFields):
     max_tokens: int | None = 16  # OpenAI's default for legacy completions
     logprobs: int | None = None
     echo: bool = False
-    best_of: int | None = None
+    # Only best_of == n is supported (checked later); bounded here like n so any value is safe to compare.
+    best_of: Annotated[int, Field(ge=1, le=MAX_N)] | None = None
 
 
 class NativeSamplingParams(_Request):
@@ -187,7 +190,8 @@ class GenerateRequest(_Request):
     sampling_params: NativeSamplingParams = Field(default_factory=NativeSamplingParams)
     stream: bool = False
     return_logprob: bool = False
-    top_logprobs_num: int = 0
+    # Bounded here, not only by SamplingParams.validate: it is parsed even when return_logprob is false.
+    top_logprobs_num: Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS)] = 0
     rid: str | None = None
 
 
