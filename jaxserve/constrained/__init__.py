@@ -7,7 +7,9 @@ Modules (host side is NumPy; only `tables` touches JAX):
   json_schema.py   JSON schema / json_object -> regex
   token_walk.py    DFA x vocabulary -> TokenTable (vectorized trie walk)
   token_table.py   TokenTable (mask, next states, forced tokens) and sample walks
-  compiler.py      compile_constraint + ConstraintCompiler (thread-safe LRU cache)
+  budget.py        CompileBudget (time + memory-proportional limits), BudgetMeter, ConstraintTooComplex
+  compiler.py      compile_constraint + ConstraintCompiler (thread-safe LRU cache bounded in bytes)
+  service.py       ConstraintService: constraint -> Grammar for the engine (own pool, byte-bounded cache)
   grammar.py       Grammar: closing rows that finish within max_tokens, token classes for the device advance
   tables.py        GrammarPool (device mask rows + transition tables), apply_token_mask, the device advance
 """

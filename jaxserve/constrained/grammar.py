@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from jaxserve.constrained.budget import BudgetMeter, CompileBudget
 from jaxserve.constrained.token_table import TokenTable
 
 
@@ -34,6 +35,13 @@ class Grammar:
     @property
     def start_state(self) -> int:
         return self.table.start_state
+
+    @property
+    def nbytes(self) -> int:
+        """Host bytes this grammar holds (the table, the pool's doubled mask and the per-state arrays);
+        `pool_table` shares every array of `table` but its mask."""
+        return (self.table.nbytes + int(self.pool_table.mask.nbytes) + int(self.distance.nbytes)
+                + int(self.worst_next.nbytes) + int(self.token_class.nbytes) + int(self.next_by_class.nbytes))
 
     @property
     def num_states(self) -> int:
@@ -76,7 +84,7 @@ def closing_mask(table: TokenTable, distance: np.ndarray) -> np.ndarray:
     return out
 
 
-def token_distance(table: TokenTable) -> np.ndarray:
+def token_distance(table: TokenTable, meter: BudgetMeter | None = None) -> np.ndarray:
     """int64 [S]: fewest tokens from each state to an accepting state (breadth-first search backwards over
     the distinct state -> state edges of the token table)."""
     num_states = table.num_states
@@ -92,6 +100,8 @@ def token_distance(table: TokenTable) -> np.ndarray:
     dist[frontier] = 0
     level = 0
     while frontier.size:
+        if meter is not None:
+            meter.check_time("grammar preparation")  # one round per level: as many as states in a chain
         level += 1
         cand = np.concatenate([preds[starts[s]:starts[s + 1]] for s in frontier]) if frontier.size else frontier
         cand = np.unique(cand)
@@ -114,12 +124,16 @@ def _edge_hash(states: np.ndarray, targets: np.ndarray, salt: int) -> np.ndarray
         return x ^ (x >> np.uint64(31))
 
 
-def _classes_from_signature(table: TokenTable, signature: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+def _classes_from_signature(table: TokenTable, signature: np.ndarray,
+                            meter: BudgetMeter | None = None) -> tuple[np.ndarray, np.ndarray] | None:
     """Tokens with equal signatures as classes, with their [S, C] next-state table; None unless every member
     of every class has exactly the transitions of the table (a hash collision would make it fail)."""
     _, token_class = np.unique(signature, return_inverse=True)
     token_class = token_class.astype(np.int32)
     num_classes = int(token_class.max()) + 1 if token_class.size else 0
+    if meter is not None:  # the dense [S, C] table can reach states x vocabulary: check before allocating
+        meter.require("max_table_bytes", table.nbytes + 2 * int(table.mask.nbytes)
+                      + table.num_states * num_classes * 4)
     src = np.repeat(np.arange(table.num_states, dtype=np.int64), np.diff(table.indptr))
     cls = token_class[table.next_tokens]
     next_by_class = np.full((table.num_states, num_classes), -1, np.int32)
@@ -136,21 +150,23 @@ def _classes_from_signature(table: TokenTable, signature: np.ndarray) -> tuple[n
     return token_class, next_by_class
 
 
-def token_classes_exact(table: TokenTable) -> tuple[np.ndarray, np.ndarray]:
+def token_classes_exact(table: TokenTable, meter: BudgetMeter | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Exact partition by refinement, one state at a time: O(S * vocab). The fallback of `token_classes`."""
     width = table.vocab_width
     token_class = np.zeros(width, np.int64)
     for s in range(table.num_states):
+        if meter is not None and (s & 63) == 0:
+            meter.check_time("grammar preparation")
         lo, hi = int(table.indptr[s]), int(table.indptr[s + 1])
         target = np.full(width, -1, np.int64)
         target[table.next_tokens[lo:hi]] = table.next_states[lo:hi]
         _, token_class = np.unique(token_class * (table.num_states + 1) + target + 1, return_inverse=True)
-    result = _classes_from_signature(table, token_class)
+    result = _classes_from_signature(table, token_class, meter)
     assert result is not None  # an exact partition always verifies
     return result
 
 
-def token_classes(table: TokenTable) -> tuple[np.ndarray, np.ndarray]:
+def token_classes(table: TokenTable, meter: BudgetMeter | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(token_class int32 [vocab_width], next_by_class int32 [S, C]): tokens with identical transitions in
     every state share a class; next_by_class[s, c] is the relative next state, -1 where the class is not
     allowed. Tokens allowed in no state (special, padding, and the end tokens, which never advance) get a class
@@ -161,19 +177,26 @@ def token_classes(table: TokenTable) -> tuple[np.ndarray, np.ndarray]:
     for salt in (0, 0x5DEECE66D):
         signature = np.zeros(table.vocab_width, np.uint64)
         np.add.at(signature, table.next_tokens, _edge_hash(src, table.next_states, salt))
-        result = _classes_from_signature(table, signature)
+        result = _classes_from_signature(table, signature, meter)
         if result is not None:
             return result
-    return token_classes_exact(table)
+    return token_classes_exact(table, meter)
 
 
-def make_grammar(table: TokenTable) -> Grammar:
-    distance = token_distance(table)
+def make_grammar(table: TokenTable, meter: BudgetMeter | None = None) -> Grammar:
+    """The grammar of a compiled table. `meter`: the compile's budget (deadline and table bytes); without one
+    a fresh default budget applies."""
+    meter = BudgetMeter(CompileBudget()) if meter is None else meter
+    meter.require("max_table_bytes", table.nbytes + 2 * int(table.mask.nbytes))
+    meter.check_time("grammar preparation")
+    distance = token_distance(table, meter)
+    meter.check_time("grammar preparation")
     both = np.concatenate([table.mask, closing_mask(table, distance)])
+    meter.check_time("grammar preparation")
     pool_table = dataclasses.replace(table, mask=both)
     src = np.repeat(np.arange(table.num_states), np.diff(table.indptr))
     worst_next = np.full(table.num_states, -1, np.int64)
     np.maximum.at(worst_next, src, distance[table.next_states])
-    token_class, next_by_class = token_classes(table)
+    token_class, next_by_class = token_classes(table, meter)
     return Grammar(table=table, pool_table=pool_table, distance=distance, worst_next=worst_next,
                    token_class=token_class, next_by_class=next_by_class)

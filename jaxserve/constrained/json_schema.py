@@ -5,6 +5,11 @@ only declared properties, ASCII digits for \\d in patterns, at most one item und
 a safe subset is not expressible, `ValueError` names the keyword ("unsupported keyword 'not'"), which the
 coverage benchmark reports as the reason. Output is compact JSON unless `JsonSchemaOptions.whitespace` says
 otherwise; object properties come in schema order.
+
+Optional properties, anyOf and $ref nest multiplicatively (each optional member repeats what follows it), so
+the regex can grow exponentially with the schema: every fragment built is charged to a `BudgetMeter`
+(cumulative characters and the largest fragment) and conversion stops with ConstraintTooComplex as soon as
+a budget is exceeded, before the text is ever parsed.
 """
 from __future__ import annotations
 
@@ -13,7 +18,9 @@ import math
 import re
 from dataclasses import dataclass
 from decimal import Decimal
+from typing import Callable
 
+from jaxserve.constrained.budget import BudgetMeter, CompileBudget, ConstraintTooComplex
 from jaxserve.constrained.regex_parser import (
     Chars,
     Repeat,
@@ -74,14 +81,16 @@ class _Never(Exception):
     """The (sub)schema admits no value we can generate (e.g. recursion cut off)."""
 
 
-def json_object_regex(options: JsonSchemaOptions = JsonSchemaOptions()) -> str:
+def json_object_regex(options: JsonSchemaOptions = JsonSchemaOptions(), meter: BudgetMeter | None = None) -> str:
     """Any JSON object with nesting bounded by `options.max_nesting`."""
-    conv = _Converter({}, options)
+    conv = _Converter({}, options, meter)
     return conv.any_object(options.max_nesting)
 
 
-def json_schema_to_regex(schema, options: JsonSchemaOptions = JsonSchemaOptions()) -> str:
-    """`schema`: JSON text or the decoded value. Raises ValueError naming the unsupported keyword."""
+def json_schema_to_regex(schema, options: JsonSchemaOptions = JsonSchemaOptions(),
+                         meter: BudgetMeter | None = None) -> str:
+    """`schema`: JSON text or the decoded value. Raises ValueError naming the unsupported keyword, and
+    ConstraintTooComplex when the regex would exceed the `meter`'s budget (default: CompileBudget())."""
     if isinstance(schema, (str, bytes)):
         try:
             schema = json.loads(schema)
@@ -89,14 +98,14 @@ def json_schema_to_regex(schema, options: JsonSchemaOptions = JsonSchemaOptions(
             raise ValueError(f"json_schema is not valid JSON: {e}") from None
     if not isinstance(schema, (dict, bool)):
         raise ValueError(f"a JSON schema must be an object or a boolean, got {type(schema).__name__}")
-    conv = _Converter(schema, options)
+    conv = _Converter(schema, options, meter)
     try:
         return conv.value(schema, options.max_nesting)
     except _Never:
         raise ValueError("the schema admits no value that can be generated "
                          "(contradictory, or recursion deeper than max_ref_depth)") from None
     except RecursionError:
-        raise ValueError("schema too complex: nesting too deep") from None
+        raise ConstraintTooComplex("nesting depth", "schema nested too deeply") from None
 
 
 def _literal(text: str) -> str:
@@ -163,8 +172,13 @@ def _digits_range(lo: str, hi: str) -> list[str]:
     return out
 
 
-def nonneg_int_range(lo: int, hi: int | None) -> str:
-    """Canonical decimal integers in [lo, hi] (hi None: unbounded), lo >= 0."""
+def _no_charge(_chars: int) -> None:
+    return None
+
+
+def nonneg_int_range(lo: int, hi: int | None, charge: Callable[[int], None] = _no_charge) -> str:
+    """Canonical decimal integers in [lo, hi] (hi None: unbounded), lo >= 0. `charge(n)` is told the size of
+    each length's parts as they are built (bounds of hundreds of digits make megabytes of regex)."""
     parts = []
     if lo == 0:
         parts.append("0")
@@ -174,7 +188,9 @@ def nonneg_int_range(lo: int, hi: int | None) -> str:
         a = max(lo, 10 ** (n - 1))
         b = 10**n - 1 if hi is None else min(hi, 10**n - 1)
         if a <= b:
-            parts += _digits_range(str(a), str(b))
+            new = _digits_range(str(a), str(b))
+            charge(sum(map(len, new)))
+            parts += new
     if hi is None:
         parts.append(f"[1-9][0-9]{{{top_len},}}")
     if not parts:
@@ -182,27 +198,38 @@ def nonneg_int_range(lo: int, hi: int | None) -> str:
     return _alt(parts)
 
 
-def int_range(lo: int | None, hi: int | None) -> str:
+def int_range(lo: int | None, hi: int | None, charge: Callable[[int], None] = _no_charge) -> str:
     if lo is not None and hi is not None and lo > hi:
         raise _Never()
     parts = []
     if lo is None or lo < 0:  # negative part: -m with m in [max(1, -hi), -lo]
         m_lo = 1 if hi is None or hi >= 0 else -hi
         m_hi = None if lo is None else -lo
-        parts.append("-" + nonneg_int_range(m_lo, m_hi))
+        parts.append("-" + nonneg_int_range(m_lo, m_hi, charge))
     if hi is None or hi >= 0:
-        parts.append(nonneg_int_range(max(lo or 0, 0), hi))
+        parts.append(nonneg_int_range(max(lo or 0, 0), hi, charge))
     return _alt(parts)
 
 
 # ---------------------------------------------------------------- converter
 
 class _Converter:
-    def __init__(self, root, options: JsonSchemaOptions):
+    def __init__(self, root, options: JsonSchemaOptions, meter: BudgetMeter | None = None):
         self.root = root
         self.options = options
         self.ws = options.whitespace
         self.ref_depth: dict[str, int] = {}
+        self.meter = BudgetMeter(CompileBudget()) if meter is None else meter
+
+    def charge(self, chars: int) -> None:
+        """Count `chars` of regex text built; raise once the cumulative total or one fragment is too big."""
+        self.meter.charge("max_schema_work_chars", chars)
+        self.meter.require("max_regex_chars", chars)
+        self.meter.check_time("JSON schema conversion")
+
+    def out(self, text: str) -> str:
+        self.charge(len(text))
+        return text
 
     # -- helpers
     def sep(self, ch: str) -> str:
@@ -241,6 +268,9 @@ class _Converter:
 
     # -- schemas
     def value(self, schema, depth: int) -> str:
+        return self.out(self._value(schema, depth))
+
+    def _value(self, schema, depth: int) -> str:
         if schema is True:
             return self.any_value(depth)
         if schema is False:
@@ -347,7 +377,7 @@ class _Converter:
 
     def enum(self, schema: dict, values: list, depth: int) -> str:
         if len(values) > self.options.max_enum_values:
-            raise ValueError("schema too complex: enum has too many values")
+            raise ConstraintTooComplex("enum values", f"{len(values)} > {self.options.max_enum_values}")
         if self.ws and any(isinstance(v, (dict, list)) and v for v in values):
             raise ValueError("unsupported keyword 'enum' with object/array values and whitespace")
         texts = [json.dumps(v, ensure_ascii=False, separators=(",", ":")) for v in values]
@@ -480,7 +510,9 @@ class _Converter:
             raise ValueError("pattern must be a string")
         try:
             # Full-match of the anchor-stripped pattern is a subset of re.search matches: always valid.
-            node = parse_regex(pattern, subset_classes=True)
+            node = parse_regex(pattern, subset_classes=True, meter=self.meter)
+        except ConstraintTooComplex:
+            raise
         except ValueError as e:
             raise ValueError(f"unsupported keyword 'pattern': {e}") from None
         node = restrict_chars(node, _UNESCAPED_FORBIDDEN)
@@ -502,7 +534,7 @@ class _Converter:
         hi = _int_bound(schema, "maximum", "exclusiveMaximum", lower=False)
         if lo is None and hi is None:
             return INTEGER
-        return int_range(None if lo is None else int(lo), None if hi is None else int(hi))
+        return int_range(None if lo is None else int(lo), None if hi is None else int(hi), self.charge)
 
     def number(self, schema: dict) -> str:
         lo = _int_bound(schema, "minimum", "exclusiveMinimum", lower=True)
@@ -512,11 +544,11 @@ class _Converter:
         # Integer part k in [lo, hi]; a fraction only where k >= 0 and k + 1 <= hi keeps k.f inside.
         lo_i = None if lo is None else int(lo)
         hi_i = None if hi is None else int(hi)
-        parts = [int_range(lo_i, hi_i)]
+        parts = [int_range(lo_i, hi_i, self.charge)]
         frac_lo = max(lo_i if lo_i is not None else 0, 0)
         frac_hi = None if hi_i is None else hi_i - 1
         if frac_hi is None or frac_lo <= frac_hi:
-            parts.append(nonneg_int_range(frac_lo, frac_hi) + r"\.[0-9]+")
+            parts.append(nonneg_int_range(frac_lo, frac_hi, self.charge) + r"\.[0-9]+")
         return _alt(parts)
 
     # -- objects
@@ -536,6 +568,7 @@ class _Converter:
                 return self.any_object(max(depth - 1, 0))
             value = self.value(additional, depth)
             member = f"{STRING}{self.sep(':')}{value}"
+            self.charge(2 * len(member))
             return f"{_literal('{')}{self.ws}(?:{member}(?:{self.sep(',')}{member})*)?{self.ws}{_literal('}')}"
         members: list[tuple[str, bool]] = []
         for name in names:
@@ -556,6 +589,9 @@ class _Converter:
         after_some = ""  # B_i: members i.. when something was emitted before
         after_none = ""  # A_i: members i.. when nothing was emitted yet
         for text, is_required in reversed(members):
+            # Both suffixes repeat `text` and each other: charge before building (growth is quadratic here
+            # and multiplies across nesting levels).
+            self.charge(2 * (len(text) + len(after_some) + len(comma)) + len(after_none) + 8)
             if is_required:
                 after_none = text + after_some
                 after_some = comma + text + after_some
@@ -600,7 +636,7 @@ class _Converter:
             if n < len(prefix):
                 if n < min_items or (hi_total is not None and n > hi_total):
                     continue
-                options.append(comma.join(prefix_rx[:n]))
+                options.append(self.out(comma.join(prefix_rx[:n])))
                 continue
             # all prefix items present, then 0.. more items
             if item_rx is None:
@@ -625,9 +661,10 @@ class _Converter:
                 tail = f"{item_rx}(?:{comma}{item_rx}){_repeat_bounds(rest_lo - 1, None if rest_hi is None else rest_hi - 1)}"
                 if head:
                     tail = f"(?:{comma}{item_rx}){_repeat_bounds(rest_lo, rest_hi)}"
-            options.append(head + tail)
+            options.append(self.out(head + tail))
         if not options:
             raise _Never()
+        self.charge(sum(map(len, options)))  # the alternation joins them: charge before building it
         return open_ + _alt(options) + close
 
 

@@ -2,16 +2,17 @@
 
 Code point sets become UTF-8 byte-range sequences, the IR becomes a Thompson NFA over byte classes (bytes
 that no transition tells apart share a class), subset construction builds the DFA, states that cannot
-reach acceptance are dropped, and Moore refinement (vectorized with NumPy) minimizes it. Limits on states
-and on wall time turn hostile patterns into `ValueError("regex too complex ...")`.
+reach acceptance are dropped, and Moore refinement (vectorized with NumPy) minimizes it. Every stage charges
+a `BudgetMeter` as it builds (states, set elements, sweep work, wall time), so hostile patterns fail fast
+with `ConstraintTooComplex` (a ValueError) instead of exhausting memory.
 """
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
 import numpy as np
 
+from jaxserve.constrained.budget import BudgetMeter, CompileBudget
 from jaxserve.constrained.regex_parser import Alt, Chars, Node, Repeat, Seq
 
 DEAD = -1
@@ -19,9 +20,15 @@ DEAD = -1
 
 @dataclass(frozen=True)
 class DfaLimits:
-    max_nfa_states: int = 400_000
-    max_dfa_states: int = 20_000
-    max_seconds: float = 5.0
+    """The DFA stage's limits for callers without a `BudgetMeter` (the other budgets keep their defaults)."""
+
+    max_nfa_states: int = CompileBudget.max_nfa_states
+    max_dfa_states: int = CompileBudget.max_dfa_states
+    max_seconds: float = CompileBudget.max_seconds
+
+    def meter(self) -> BudgetMeter:
+        return BudgetMeter(CompileBudget(max_nfa_states=self.max_nfa_states, max_dfa_states=self.max_dfa_states,
+                                         max_seconds=self.max_seconds))
 
 
 @dataclass(frozen=True, eq=False)
@@ -91,16 +98,19 @@ def utf8_sequences(lo: int, hi: int) -> list[tuple[tuple[int, int], ...]]:
 class _Nfa:
     """Thompson NFA over byte ranges: eps[s] epsilon targets, edges[s] (lo, hi, target) byte transitions."""
 
-    def __init__(self, limits: DfaLimits, deadline: float):
+    def __init__(self, meter: BudgetMeter):
         self.eps: list[list[int]] = []
         self.edges: list[list[tuple[int, int, int]]] = []
-        self.limits = limits
-        self.deadline = deadline
+        self.meter = meter
+        self.max_states = meter.budget.max_nfa_states
         self._seq_cache: dict[tuple, list] = {}
 
     def new(self) -> int:
-        if len(self.eps) >= self.limits.max_nfa_states:
-            raise ValueError("regex too complex: automaton exceeds the state limit")
+        n = len(self.eps)
+        if n >= self.max_states:
+            self.meter.require("max_nfa_states", n + 1)
+        if (n & 4095) == 0:
+            self.meter.check_time("NFA construction")
         self.eps.append([])
         self.edges.append([])
         return len(self.eps) - 1
@@ -124,8 +134,7 @@ class _Nfa:
         return self._repeat(node, start)
 
     def _repeat(self, node: Repeat, start: int) -> int:
-        if time.monotonic() > self.deadline:
-            raise ValueError("regex too complex: compile time limit exceeded")
+        self.meter.check_time("NFA construction")
         cur = start
         for _ in range(node.min):
             cur = self.build(node.item, cur)
@@ -185,16 +194,19 @@ def _expanded_size(node: Node, cap: int) -> int:
     return 1 + min(_expanded_size(node.item, cap) * copies, cap + 1)
 
 
-def compile_dfa(node: Node, limits: DfaLimits = DfaLimits()) -> ByteDfa:
-    """Minimal byte DFA of the IR. Raises ValueError("regex too complex ...") past the limits."""
-    if _expanded_size(node, limits.max_nfa_states) > limits.max_nfa_states:
-        raise ValueError("regex too complex: counted repetitions expand past the automaton size limit")
-    deadline = time.monotonic() + limits.max_seconds
-    nfa = _Nfa(limits, deadline)
+def compile_dfa(node: Node, limits: DfaLimits = DfaLimits(), meter: BudgetMeter | None = None) -> ByteDfa:
+    """Minimal byte DFA of the IR. Raises ConstraintTooComplex past the meter's budget (default: `limits`)."""
+    meter = limits.meter() if meter is None else meter
+    cap = meter.budget.max_nfa_states
+    size = _expanded_size(node, cap)
+    if size > cap:  # before building anything: counted repetitions that expand past the NFA budget
+        meter.require("max_nfa_states", size)
+    nfa = _Nfa(meter)
     start = nfa.new()
     accept = nfa.build(node, start)
-    trans, accepting, byte_class = _subset_construction(nfa, start, accept, limits, deadline)
-    return _minimize(trans, accepting, byte_class)
+    meter.require("max_nfa_states", len(nfa.eps))
+    trans, accepting, byte_class = _subset_construction(nfa, start, accept, meter)
+    return _minimize(trans, accepting, byte_class, meter)
 
 
 def _byte_classes(nfa: _Nfa) -> np.ndarray:
@@ -208,8 +220,9 @@ def _byte_classes(nfa: _Nfa) -> np.ndarray:
     return np.cumsum(cuts[:256]) - 1
 
 
-def _subset_construction(nfa: _Nfa, start: int, accept: int, limits: DfaLimits, deadline: float):
+def _subset_construction(nfa: _Nfa, start: int, accept: int, meter: BudgetMeter):
     n = len(nfa.eps)
+    max_dfa_states = meter.budget.max_dfa_states
     byte_class = _byte_classes(nfa)
     num_classes = int(byte_class[-1]) + 1
     # Epsilon closures, memoized per NFA state (iterative DFS).
@@ -220,13 +233,19 @@ def _subset_construction(nfa: _Nfa, start: int, accept: int, limits: DfaLimits, 
         if c is None:
             seen = {s}
             stack = [s]
+            steps = 0
             while stack:
+                steps += 1
+                if (steps & 8191) == 0:  # one closure can span the whole NFA
+                    meter.check_time("subset construction")
                 for t in nfa.eps[stack.pop()]:
                     if t not in seen:
                         seen.add(t)
                         stack.append(t)
+            meter.charge("max_subset_work", len(seen))
             # Keep only states that matter for the future (byte edges or acceptance): smaller DFA keys.
             c = frozenset(t for t in seen if nfa.edges[t] or t == accept)
+            meter.charge("max_subset_elements", len(c))  # memoized: held until the end
             closure[s] = c
         return c
 
@@ -238,25 +257,33 @@ def _subset_construction(nfa: _Nfa, start: int, accept: int, limits: DfaLimits, 
     rows: list[np.ndarray] = []
     i = 0
     while i < len(sets):
-        if (i & 63) == 0 and time.monotonic() > deadline:
-            raise ValueError("regex too complex: compile time limit exceeded")
+        meter.check_time("subset construction")  # per DFA state: one state's sweep is bounded below
         edges = [e for s in sets[i] for e in cls_edges[s]]
         row = [DEAD] * num_classes
         # Sweep the class axis: between consecutive edge boundaries the set of targets is constant.
         points = sorted({p for clo, chi, _ in edges for p in (clo, chi + 1)})
+        meter.charge("max_subset_work", len(edges) * max(len(points) - 1, 1))
         cache: dict[frozenset[int], int] = {}
+        wide = len(edges) > 2048  # a wide state's sweep alone can take seconds: check the clock inside it
         for a, b in zip(points, points[1:]):
+            if wide:
+                meter.check_time("subset construction")
             key = frozenset(t for clo, chi, t in edges if clo <= a <= chi)
             if not key:
                 continue
             j = cache.get(key)
             if j is None:
-                target = frozenset().union(*(close(t) for t in key)) if len(key) > 1 else close(next(iter(key)))
+                if len(key) > 1:
+                    parts = [close(t) for t in key]
+                    meter.charge("max_subset_work", sum(map(len, parts)))  # the union's cost, before building it
+                    target = frozenset().union(*parts)
+                else:
+                    target = close(next(iter(key)))
                 j = index.get(target)
                 if j is None:
-                    if len(sets) >= limits.max_dfa_states:
-                        raise ValueError("regex too complex: more than "
-                                         f"{limits.max_dfa_states} automaton states")
+                    if len(sets) >= max_dfa_states:
+                        meter.require("max_dfa_states", len(sets) + 1)
+                    meter.charge("max_subset_elements", len(target))  # held as a DFA-state key
                     j = len(sets)
                     index[target] = j
                     sets.append(target)
@@ -269,14 +296,18 @@ def _subset_construction(nfa: _Nfa, start: int, accept: int, limits: DfaLimits, 
     return trans_cls, accepting, byte_class
 
 
-def _live_states(trans: np.ndarray, accepting: np.ndarray) -> np.ndarray:
+def _live_states(trans: np.ndarray, accepting: np.ndarray, meter: BudgetMeter) -> np.ndarray:
     """bool [S]: states from which an accepting state is reachable (backward search over unique edges)."""
     src, col = np.nonzero(trans != DEAD)
     edges = np.unique(np.stack([trans[src, col], src], axis=1), axis=0)  # (dst, src), sorted by dst
     starts = np.searchsorted(edges[:, 0], np.arange(trans.shape[0] + 1))
     live = accepting.copy()
     stack = list(np.flatnonzero(accepting))
+    pops = 0
     while stack:
+        pops += 1
+        if (pops & 4095) == 0:
+            meter.check_time("minimization")
         d = stack.pop()
         for s in edges[starts[d] : starts[d + 1], 1]:
             if not live[s]:
@@ -285,7 +316,7 @@ def _live_states(trans: np.ndarray, accepting: np.ndarray) -> np.ndarray:
     return live
 
 
-def _refine(t: np.ndarray, acc: np.ndarray) -> np.ndarray:
+def _refine(t: np.ndarray, acc: np.ndarray, meter: BudgetMeter) -> np.ndarray:
     """Moore refinement: block id per state, equal iff the states accept the same language.
 
     Each round hashes (own block, block of the successor on every class) to 64 bits. A row of the
@@ -308,6 +339,7 @@ def _refine(t: np.ndarray, acc: np.ndarray) -> np.ndarray:
     block = acc.astype(np.int64)
     count = len(np.unique(block))
     while True:
+        meter.check_time("minimization")  # a chain-shaped DFA refines in as many rounds as it has states
         succ_block = np.where(run_target == DEAD, -1, block[np.maximum(run_target, 0)]) + 1
         h = np.add.reduceat(succ_block.astype(np.uint64) * run_weight, first_run)
         h += block.astype(np.uint64) * weights[0]
@@ -321,14 +353,15 @@ def _refine(t: np.ndarray, acc: np.ndarray) -> np.ndarray:
     succ = np.where(t == DEAD, -1, block[np.maximum(t, 0)])
     sig = np.concatenate([block[:, None], succ], axis=1)
     if not (sig == sig[reps][block]).all():  # hash collision: redo exactly
-        return _refine_exact(t, acc)
+        return _refine_exact(t, acc, meter)
     return block
 
 
-def _refine_exact(t: np.ndarray, acc: np.ndarray) -> np.ndarray:
+def _refine_exact(t: np.ndarray, acc: np.ndarray, meter: BudgetMeter) -> np.ndarray:
     block = acc.astype(np.int64)
     count = len(np.unique(block))
     while True:
+        meter.check_time("minimization")
         succ = np.where(t == DEAD, -1, block[np.maximum(t, 0)])
         _, block = np.unique(np.concatenate([block[:, None], succ], axis=1), axis=0, return_inverse=True)
         block = block.ravel().astype(np.int64)
@@ -337,9 +370,10 @@ def _refine_exact(t: np.ndarray, acc: np.ndarray) -> np.ndarray:
         count = int(block.max()) + 1
 
 
-def _minimize(trans: np.ndarray, accepting: np.ndarray, byte_class: np.ndarray) -> ByteDfa:
+def _minimize(trans: np.ndarray, accepting: np.ndarray, byte_class: np.ndarray, meter: BudgetMeter) -> ByteDfa:
     n = trans.shape[0]
-    live = _live_states(trans, accepting)
+    meter.check_time("minimization")
+    live = _live_states(trans, accepting, meter)
     if not live[0]:
         raise ValueError("regex matches no string")
     keep = np.flatnonzero(live)
@@ -347,7 +381,7 @@ def _minimize(trans: np.ndarray, accepting: np.ndarray, byte_class: np.ndarray) 
     renum[keep] = np.arange(keep.size, dtype=np.int32)
     t = renum[np.where(trans[keep] == DEAD, n, trans[keep])]
     acc = accepting[keep]
-    block = _refine(t, acc)
+    block = _refine(t, acc, meter)
     k = int(block.max()) + 1
     reps = np.unique(block, return_index=True)[1]  # a representative state per block
     # New ids: the start state's block becomes 0, the others keep their order.

@@ -11,6 +11,8 @@ import re
 from dataclasses import dataclass
 from functools import lru_cache
 
+from jaxserve.constrained.budget import BudgetMeter, ConstraintTooComplex
+
 try:  # Python >= 3.11
     import re._constants as sre_c
     import re._parser as sre_parse
@@ -143,26 +145,44 @@ _UNSUPPORTED = {
 
 
 def parse_regex(pattern: str, *, search: bool = False, subset_classes: bool = False,
-                max_nodes: int = 200_000) -> Node:
+                max_nodes: int = 200_000, meter: BudgetMeter | None = None) -> Node:
     """Parse a Python regex. Default: the whole text must match (re.fullmatch). `search=True`: the pattern
     may match anywhere unless anchored with ^ / $ (re.search, as JSON Schema `pattern` is defined).
     `subset_classes`: \\d \\w \\s match only their ASCII members (the negations keep the full Unicode
     meaning), so the language is a subset of Python's: right for generating values a validator accepts.
 
-    Raises ValueError for syntax errors and for features a DFA cannot express."""
+    Raises ValueError for syntax errors and for features a DFA cannot express, ConstraintTooComplex past
+    `max_nodes` or the `meter`'s budget (its max_ir_nodes replaces max_nodes; the text length is checked
+    first because the standard parser cannot be interrupted)."""
     if not isinstance(pattern, str):
         raise ValueError(f"regex must be a string, got {type(pattern).__name__}")
+    if meter is not None:
+        meter.require("max_regex_chars", len(pattern))
+        meter.check_time("regex parsing")
+        max_nodes = meter.budget.max_ir_nodes
     try:
         tree = sre_parse.parse(pattern, 0)
     except (re.error, OverflowError, RecursionError) as e:
-        raise ValueError(f"invalid regex {pattern!r}: {e}") from None
+        raise ValueError(f"invalid regex {_clip(pattern)!r}: {e}") from None
+    try:
+        return _lower(tree, search, subset_classes, max_nodes, meter)
+    except RecursionError:
+        raise ConstraintTooComplex("nesting depth", "regex groups nested too deeply") from None
+
+
+def _clip(text: str, limit: int = 200) -> str:
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _lower(tree, search: bool, subset_classes: bool, max_nodes: int,
+           meter: BudgetMeter | None) -> Node:
     flags = tree.state.flags
     if flags & re.IGNORECASE:
         raise ValueError("regex flag (?i) (case-insensitive) is not supported")
     if flags & re.MULTILINE:
         raise ValueError("regex flag (?m) (multiline) is not supported")
     ctx = _Ctx(dotall=bool(flags & re.DOTALL), ascii_only=bool(flags & re.ASCII), max_nodes=max_nodes,
-               subset_classes=subset_classes)
+               subset_classes=subset_classes, meter=meter)
     items = list(tree)
     branches = _top_branches(items)
     nodes = []
@@ -197,6 +217,7 @@ class _Ctx:
     ascii_only: bool
     max_nodes: int
     subset_classes: bool = False
+    meter: BudgetMeter | None = None
     nodes: int = 0
 
     def category(self, name: str, negated_context: bool) -> Ranges:
@@ -207,7 +228,9 @@ class _Ctx:
     def count(self, n: int = 1) -> None:
         self.nodes += n
         if self.nodes > self.max_nodes:
-            raise ValueError("regex too complex: too many elements after expanding repetitions")
+            raise ConstraintTooComplex("ir nodes", f"more than {self.max_nodes} regex elements")
+        if self.meter is not None and (self.nodes & 4095) == 0:
+            self.meter.check_time("regex parsing")
 
     def seq(self, items) -> Node:
         parts = tuple(self.node(op, av) for op, av in items)

@@ -45,6 +45,12 @@ class TokenTable:
         return int(self.mask.shape[0])
 
     @property
+    def nbytes(self) -> int:
+        """Bytes of this table's own arrays (token_bytes is the shared vocabulary, not counted)."""
+        return sum(int(a.nbytes) for a in (self.mask, self.indptr, self.next_tokens, self.next_states,
+                                           self.transitions, self.accepting, self.finished, self.forced_token))
+
+    @property
     def words_per_row(self) -> int:
         return int(self.mask.shape[1])
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from jaxserve.constrained.budget import BudgetMeter, CompileBudget
 from jaxserve.constrained.regex_dfa import DEAD, ByteDfa
 from jaxserve.constrained.token_table import TokenTable
 from jaxserve.constrained.vocab import VocabInfo
@@ -61,31 +62,43 @@ def _successor_chains(trans: np.ndarray, max_len: int) -> tuple[np.ndarray, np.n
     return chain[:n], follow[:n]
 
 
-DEFAULT_MAX_PAIRS = 20_000_000  # allowed (state, token) pairs of one constraint: bounds time and memory
+DEFAULT_MAX_PAIRS = CompileBudget.max_table_pairs  # allowed (state, token) pairs: bounds time and memory
 
 
-def walk_vocabulary(dfa: ByteDfa, vocab: VocabInfo,
-                    max_pairs: int = DEFAULT_MAX_PAIRS) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _meter(meter: BudgetMeter | None, max_pairs: int) -> BudgetMeter:
+    return BudgetMeter(CompileBudget(max_table_pairs=max_pairs)) if meter is None else meter
+
+
+def walk_vocabulary(dfa: ByteDfa, vocab: VocabInfo, max_pairs: int = DEFAULT_MAX_PAIRS,
+                    meter: BudgetMeter | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Every (state, token, next_state) with the token's bytes leading from state to a live state.
 
-    Raises ValueError("... too complex ...") when there would be more than `max_pairs`."""
+    Raises ConstraintTooComplex as soon as the walk's frontier or the pairs found exceed the meter's budget
+    (without a meter: the default budget with `max_pairs` pairs)."""
+    meter = _meter(meter, max_pairs)
     trie = vocab.trie
     trans = dfa.transitions
     num_states = dfa.num_states
     token_ptr = trie.string_token_ptr
     max_len = len(trie.levels)
+    meter.check_time("token walk")
+    # chain int64 + follow 4 x uint64 per (state, length): bounded like the other table arrays.
+    meter.require("max_table_bytes", (num_states + 1) * (max_len + 1) * 40)
     chain, follow = _successor_chains(trans, max_len)
     trie_states = np.arange(num_states, dtype=np.int32)
     # Emitted ranges: strings [lo, hi) from origin; a string of length L ends at chain[cur, L - depth].
     out_origin, out_lo, out_hi, out_cur, out_depth = [], [], [], [], []
+    pairs = 0
     if trie.levels:
         first = trie.levels[0]
+        meter.require("max_walk_items", num_states * first.byte.size)  # before allocating the first frontier
         cur = trans[trie_states][:, first.byte.astype(np.int64)].ravel()  # state-major
         origin = np.repeat(trie_states, first.byte.size)
         node = np.tile(np.arange(first.byte.size, dtype=np.int64), trie_states.size)
         keep = cur != DEAD
         origin, node, cur = origin[keep], node[keep], cur[keep].astype(np.int64)
         for depth, level in enumerate(trie.levels, start=1):
+            meter.check_time("token walk")
             below = level.below_bytes[node]
             allowed = follow[cur, level.below_depth[node]]
             bulk = ((below & ~allowed) == 0).all(axis=1)
@@ -94,6 +107,9 @@ def walk_vocabulary(dfa: ByteDfa, vocab: VocabInfo,
             out_hi.append(level.subtree_hi[node[bulk]])
             out_cur.append(cur[bulk])
             out_depth.append(np.full(int(bulk.sum()), depth))
+            # Pairs found so far, counted as they are found (the expansion below is what costs memory).
+            pairs += int((out_hi[-1] - out_lo[-1]).sum())
+            meter.require("max_table_pairs", pairs)
             origin, node, cur = origin[~bulk], node[~bulk], cur[~bulk]
             end = level.end_string[node]
             is_end = end >= 0
@@ -102,16 +118,19 @@ def walk_vocabulary(dfa: ByteDfa, vocab: VocabInfo,
             out_hi.append(end[is_end] + 1)
             out_cur.append(cur[is_end])
             out_depth.append(np.full(int(is_end.sum()), depth))
+            pairs += int(is_end.sum())
+            meter.require("max_table_pairs", pairs)
             if depth == max_len or origin.size == 0:
                 break
+            meter.require("max_walk_items", int(level.child_count[node].sum()))
             owner, child = _expand(level.child_start[node], level.child_count[node])
             nxt = trans[cur[owner], trie.levels[depth].byte[child]]
             keep = nxt != DEAD
             origin, node, cur = origin[owner[keep]], child[keep], nxt[keep].astype(np.int64)
     if out_origin:
         lo, hi = np.concatenate(out_lo), np.concatenate(out_hi)
-        if int((hi - lo).sum()) > max_pairs:
-            raise ValueError(f"constraint too complex: more than {max_pairs} allowed (state, token) pairs")
+        meter.require("max_table_pairs", int((hi - lo).sum()))
+        meter.check_time("token walk")
         owner, string = _expand(lo, hi - lo)
         cur = np.concatenate(out_cur)[owner]
         state = chain[cur, trie.string_lengths[string] - np.concatenate(out_depth)[owner]]
@@ -119,14 +138,16 @@ def walk_vocabulary(dfa: ByteDfa, vocab: VocabInfo,
     else:
         origin, string, state = (np.zeros(0, np.int32), np.zeros(0, np.int64), np.zeros(0, np.int64))
     # Strings -> token ids (several ids can share bytes).
+    meter.require("max_table_pairs", int((token_ptr[string + 1] - token_ptr[string]).sum()))
     owner, index = _expand(token_ptr[string], token_ptr[string + 1] - token_ptr[string])
     return origin[owner], trie.string_token_ids[index], state[owner].astype(np.int32)
 
 
-def _drop_dead_ends(origin, token, nxt, accepting, num_states):
+def _drop_dead_ends(origin, token, nxt, accepting, num_states, meter: BudgetMeter):
     """Remove tokens into states where generation could neither stop nor continue (a vocabulary without
     some byte sequence the DFA needs), until none are left."""
     while True:
+        meter.check_time("token table")  # one round per state of a stuck chain
         has_token = np.bincount(origin, minlength=num_states) > 0
         stuck = ~accepting & ~has_token
         bad = stuck[nxt]
@@ -135,11 +156,20 @@ def _drop_dead_ends(origin, token, nxt, accepting, num_states):
         origin, token, nxt = origin[~bad], token[~bad], nxt[~bad]
 
 
+def table_nbytes_estimate(num_states: int, vocab_width: int, num_pairs: int) -> int:
+    """Bytes of a TokenTable and the Grammar made from it, before any is allocated: the mask three times
+    (table, closing rows, the pool's concatenation), the CSR, and the per-state arrays."""
+    mask = num_states * -(-vocab_width // 32) * 4
+    return 3 * mask + num_pairs * 8 + num_states * (256 * 4 + 40)
+
+
 def build_token_table(dfa: ByteDfa, vocab: VocabInfo, key: tuple,
-                      max_pairs: int = DEFAULT_MAX_PAIRS) -> TokenTable:
-    origin, token, nxt = walk_vocabulary(dfa, vocab, max_pairs)
+                      max_pairs: int = DEFAULT_MAX_PAIRS, meter: BudgetMeter | None = None) -> TokenTable:
+    meter = _meter(meter, max_pairs)
+    origin, token, nxt = walk_vocabulary(dfa, vocab, max_pairs, meter)
     num_states = dfa.num_states
-    origin, token, nxt = _drop_dead_ends(origin, token, nxt, dfa.accepting, num_states)
+    meter.require("max_table_bytes", table_nbytes_estimate(num_states, vocab.vocab_width, origin.size))
+    origin, token, nxt = _drop_dead_ends(origin, token, nxt, dfa.accepting, num_states, meter)
     if not dfa.accepting[dfa.start] and not np.any(origin == dfa.start):
         raise ValueError("no sequence of this vocabulary's tokens matches the constraint")
     # Group by state (CSR); a stable sort on small integers is a radix sort.
@@ -154,6 +184,7 @@ def build_token_table(dfa: ByteDfa, vocab: VocabInfo, key: tuple,
     mask = np.zeros((num_states, words), dtype=np.uint32)
     chunk = max(1, _MASK_CHUNK_CELLS // (words * 32))
     for lo in range(0, num_states, chunk):
+        meter.check_time("token table")
         hi = min(lo + chunk, num_states)
         bits = np.zeros((hi - lo, words * 32), dtype=bool)
         a, b = indptr[lo], indptr[hi]
