@@ -1,0 +1,201 @@
+"""ConstraintService: constraint -> Grammar for the engine, with a byte-bounded cache and its own thread pool.
+
+Why a service: a compile takes milliseconds to seconds of CPU, and a hostile one runs until its budget
+stops it, so compiles must neither block the event loop, nor starve tokenization on asyncio's default
+executor, nor make a cache hit wait behind them. Hence:
+  - no lock is held while compiling (the lock guards only the cache, the in-flight map and the counters);
+  - a miss runs on the service's own bounded ThreadPoolExecutor; past `max_pending` distinct compiles
+    queued or running, new misses get `ConstraintServiceBusy` (HTTP 503 + Retry-After, not the client's fault);
+  - concurrent requests for one constraint share one compile (one Future per key);
+  - one `BudgetMeter` covers the whole compile, table and grammar, so the deadline bounds both;
+  - the cache holds Grammars up to `cache_bytes` of their arrays, least recently used evicted first.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+
+from jaxserve.constrained.budget import BudgetMeter, ConstraintTooComplex
+from jaxserve.constrained.compiler import CompilerOptions, compile_constraint
+from jaxserve.constrained.grammar import Grammar, make_grammar
+from jaxserve.constrained.vocab import VocabInfo
+from jaxserve.sampling.params import Constraint
+
+
+class ConstraintServiceBusy(RuntimeError):
+    """Too many compiles queued or running: retry later (not a ValueError: the constraint may be fine)."""
+
+    def __init__(self, pending: int, retry_after_s: float = 1.0):
+        super().__init__(f"constraint compiler busy: {pending} compiles queued or running; retry later")
+        self.retry_after_s = retry_after_s
+
+
+@dataclass(frozen=True)
+class ConstraintServiceStats:
+    hits: int  # answered from the cache
+    misses: int  # compiles started (a request joining another's compile of the same key counts as neither)
+    too_complex: int  # compiles that ended in ConstraintTooComplex
+    invalid: int  # compiles that ended in another ValueError (bad or unsupported constraint)
+    busy: int  # requests refused with ConstraintServiceBusy
+    in_flight: int  # distinct compiles queued or running now
+    cached: int  # grammars in the cache
+    cache_bytes: int  # their bytes
+
+
+def constraint_key(constraint: Constraint) -> tuple:
+    """Cache key of a constraint (one vocabulary per service, so the vocabulary is not part of it)."""
+    spec = constraint.spec
+    if not isinstance(spec, str):
+        spec = json.dumps(spec, sort_keys=True)
+    return (constraint.kind, "" if constraint.kind == "json_object" else spec)
+
+
+class ConstraintService:
+    """Thread-safe constraint -> Grammar compiler with a byte-bounded cache.
+
+    `token_bytes_fn`: returns the vocabulary's bytes per token id (None for special tokens); called once, at
+    the first miss. `end_token_ids`, `vocab_width`: as for VocabInfo. `options.budget` limits each compile.
+    `max_workers`: threads of the service's pool (compile_async). `max_pending`: distinct compiles queued or
+    running beyond which a new miss raises ConstraintServiceBusy. `cache_bytes`: bound of the grammar cache
+    (sum of `Grammar.nbytes`; a grammar bigger than this is returned but not cached)."""
+
+    def __init__(self, token_bytes_fn: Callable[[], Sequence[bytes | None]], end_token_ids: tuple[int, ...],
+                 vocab_width: int, options: CompilerOptions = CompilerOptions(), max_workers: int = 2,
+                 max_pending: int = 64, cache_bytes: int = 1 << 30):
+        if max_workers < 1 or max_pending < 1 or cache_bytes < 0:
+            raise ValueError("max_workers and max_pending must be >= 1, cache_bytes >= 0")
+        self.options = options
+        self.max_pending = max_pending
+        self.cache_bytes_limit = cache_bytes
+        self._token_bytes_fn = token_bytes_fn
+        self._end_token_ids = tuple(int(e) for e in end_token_ids)
+        self._vocab_width = int(vocab_width)
+        self._vocab: VocabInfo | None = None
+        self._vocab_lock = threading.Lock()  # held only while the vocabulary is built, never for a cache hit
+        self._lock = threading.Lock()  # cache, in-flight map and counters; never held during a compile
+        self._cache: OrderedDict[tuple, Grammar] = OrderedDict()
+        self._cache_nbytes = 0
+        self._in_flight: dict[tuple, Future] = {}
+        self._hits = self._misses = self._too_complex = self._invalid = self._busy = 0
+        self._executor = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="constraint-compile")
+
+    # ------------------------------------------------------------ public API
+
+    def compile(self, constraint: Constraint) -> Grammar:
+        """Blocking compile (cached). Raises ValueError (ConstraintTooComplex past the budget) for a bad
+        constraint, ConstraintServiceBusy when max_pending compiles are already queued or running."""
+        key = constraint_key(constraint)
+        grammar, fut, owner = self._lookup(key, lambda: Future())
+        if grammar is not None:
+            return grammar
+        if owner:
+            fut.set_running_or_notify_cancel()
+            try:
+                fut.set_result(self._build(key, constraint))
+            except BaseException as e:  # the waiters get the same error; nothing is cached
+                fut.set_exception(e)
+        return fut.result()
+
+    async def compile_async(self, constraint: Constraint) -> Grammar:
+        """Like `compile`, for the event loop: hits are answered inline, misses run on the service's own pool
+        (never asyncio's default executor). Cancelling the caller does not cancel a compile others may share."""
+        key = constraint_key(constraint)
+        grammar, fut, _ = self._lookup(key, lambda: self._executor.submit(self._build, key, constraint))
+        if grammar is not None:
+            return grammar
+        return await asyncio.shield(asyncio.wrap_future(fut))
+
+    @property
+    def in_flight(self) -> int:
+        with self._lock:
+            return len(self._in_flight)
+
+    def stats(self) -> ConstraintServiceStats:
+        with self._lock:
+            return ConstraintServiceStats(hits=self._hits, misses=self._misses, too_complex=self._too_complex,
+                                          invalid=self._invalid, busy=self._busy, in_flight=len(self._in_flight),
+                                          cached=len(self._cache), cache_bytes=self._cache_nbytes)
+
+    def vocab(self) -> VocabInfo:
+        """The vocabulary, built at the first call (others wait for it; cache hits never call this)."""
+        vocab = self._vocab
+        if vocab is None:
+            with self._vocab_lock:
+                if self._vocab is None:
+                    self._vocab = VocabInfo.from_token_bytes(self._token_bytes_fn(), eos_token_ids=self._end_token_ids,
+                                                             vocab_width=self._vocab_width)
+                vocab = self._vocab
+        return vocab
+
+    def close(self) -> None:
+        """Stop the pool; queued compiles are cancelled (their waiters get CancelledError)."""
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    # ------------------------------------------------------------ internals
+
+    def _lookup(self, key: tuple, start: Callable[[], Future]) -> tuple[Grammar | None, Future | None, bool]:
+        """(cached grammar, None, False) on a hit; else (None, future of the key's compile, started here?).
+        `start` makes the future of a new compile (called under the lock: it must not block)."""
+        with self._lock:
+            grammar = self._cache.get(key)
+            if grammar is not None:
+                self._cache.move_to_end(key)
+                self._hits += 1
+                return grammar, None, False
+            fut = self._in_flight.get(key)
+            if fut is not None:
+                return None, fut, False
+            if len(self._in_flight) >= self.max_pending:
+                self._busy += 1
+                raise ConstraintServiceBusy(len(self._in_flight))
+            self._misses += 1
+            fut = start()
+            self._in_flight[key] = fut
+        # Safety net: a compile cancelled before it ran (pool shut down) must not stay "in flight" forever.
+        fut.add_done_callback(lambda f: self._forget(key, f))
+        return None, fut, True
+
+    def _forget(self, key: tuple, fut: Future) -> None:
+        with self._lock:
+            if self._in_flight.get(key) is fut:
+                del self._in_flight[key]
+
+    def _build(self, key: tuple, constraint: Constraint) -> Grammar:
+        try:
+            vocab = self.vocab()  # outside the budget: a one-time cost of the server, not of the constraint
+            meter = BudgetMeter(self.options.effective_budget())
+            table = compile_constraint(constraint.kind, constraint.spec, vocab, self.options, meter)
+            grammar = make_grammar(table, meter)
+        except ConstraintTooComplex:
+            with self._lock:
+                self._too_complex += 1
+                self._in_flight.pop(key, None)
+            raise
+        except ValueError:
+            with self._lock:
+                self._invalid += 1
+                self._in_flight.pop(key, None)
+            raise
+        except BaseException:
+            with self._lock:
+                self._in_flight.pop(key, None)
+            raise
+        with self._lock:  # cache it and leave the in-flight map in one step: no window for a second compile
+            self._insert(key, grammar)
+            self._in_flight.pop(key, None)
+        return grammar
+
+    def _insert(self, key: tuple, grammar: Grammar) -> None:
+        size = grammar.nbytes
+        if size > self.cache_bytes_limit:
+            return
+        self._cache[key] = grammar
+        self._cache_nbytes += size
+        while self._cache_nbytes > self.cache_bytes_limit:
+            _, old = self._cache.popitem(last=False)
+            self._cache_nbytes -= old.nbytes
