@@ -161,6 +161,13 @@ class EngineConfig:
     # that does not fit advances on the host instead (logged, counted in the engine stats).
     grammar_class_map_slots: int = 64
     grammar_next_capacity: int = 4 * 1024 * 1024
+    # The watchdog declares the engine dead (health 503, every waiting client answered) when one step has
+    # not returned for this long. Warm-up compiles every shape first, so a serving step takes seconds.
+    stuck_step_timeout_s: float = 300.0
+    # Constraint compiles run on a pool of their own (never the event loop's executor that tokenizes);
+    # past max_pending_constraints distinct compiles queued or running, new ones are answered 503.
+    constraint_workers: int = 2
+    max_pending_constraints: int = 64
 
     def __post_init__(self) -> None:
         if self.page_size not in (8, 16, 32, 64, 128):
@@ -181,6 +188,12 @@ class EngineConfig:
             raise ValueError(f"dtype must be auto, float32 or bfloat16, got {self.dtype!r}")
         if not 0.0 < self.kv_memory_fraction <= 0.95:
             raise ValueError("kv_memory_fraction must be in (0, 0.95]")
+        if self.max_queued_requests < 1:
+            raise ValueError("max_queued_requests must be >= 1")
+        if self.constraint_workers < 1 or self.max_pending_constraints < 1:
+            raise ValueError("constraint_workers and max_pending_constraints must be >= 1")
+        if not self.stuck_step_timeout_s > 0:
+            raise ValueError("stuck_step_timeout_s must be > 0")
 
     def with_platform_defaults(self, platform: str) -> "EngineConfig":
         """Fill the fields left as None with the defaults of `platform` ("cpu", "gpu", "tpu")."""
@@ -197,5 +210,9 @@ class ServerConfig:
     api_key: str | None = None
     log_level: str = "info"
     max_request_body_bytes: int = 16 * 1024 * 1024
-    # On SIGINT/SIGTERM: stop accepting, let in-flight requests finish this long, then abort the rest.
+    # On SIGINT/SIGTERM: stop accepting, let in-flight requests finish this long, then answer the rest
+    # with 503 (a final error event for streams) and exit 0.
     graceful_shutdown_timeout_s: float = 30.0
+    # Per-request deadline from arrival to the last token (None: none). Past it the request is aborted and
+    # answered with 504 (an error event when streaming).
+    request_timeout_s: float | None = None

@@ -16,9 +16,12 @@ import socket
 import sys
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from jaxserve.config import EngineConfig, ServerConfig
+
+if TYPE_CHECKING:
+    from jaxserve.server.state import ServerState
 
 logger = logging.getLogger("jaxserve.launch")
 
@@ -76,7 +79,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api-key", default=S, help="require `Authorization: Bearer KEY` (default: $JAXSERVE_API_KEY)")
     p.add_argument("--log-level", choices=["critical", "error", "warning", "info", "debug"], default=S)
     p.add_argument("--max-request-body-bytes", type=int, default=S)
-    p.add_argument("--graceful-shutdown-timeout-s", type=float, default=S)
+    p.add_argument("--graceful-shutdown-timeout-s", type=float, default=S,
+                   help="on SIGTERM/SIGINT: seconds in-flight requests get to finish before they are answered 503")
+    p.add_argument("--request-timeout", "--request-timeout-s", dest="request_timeout_s", type=float, default=S,
+                   help="per-request deadline in seconds (default: none); past it the request gets 504")
+    p.add_argument("--constraint-workers", type=int, default=S,
+                   help="threads compiling regex / JSON-schema constraints (their own pool)")
+    p.add_argument("--max-pending-constraints", type=int, default=S,
+                   help="distinct constraint compiles queued or running before new ones get 503")
+    p.add_argument("--stuck-step-timeout-s", type=float, default=S,
+                   help="the engine is declared dead (health 503) when one step runs longer than this")
     return p
 
 
@@ -128,6 +140,10 @@ def parse_config(argv: Sequence[str] | None = None, environ: dict[str, str] | No
         raise ValueError(f"port must be in [0, 65535], got {server.port}")
     if server.max_request_body_bytes < 1024:
         raise ValueError("max_request_body_bytes must be at least 1024")
+    if server.request_timeout_s is not None and not server.request_timeout_s > 0:
+        raise ValueError("request_timeout_s must be > 0")
+    if not server.graceful_shutdown_timeout_s >= 0:
+        raise ValueError("graceful_shutdown_timeout_s must be >= 0")
     return server
 
 
@@ -142,6 +158,37 @@ def bind_socket(host: str, port: int) -> socket.socket:
         raise ValueError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
     sock.set_inheritable(True)
     return sock
+
+
+def draining_server_class():
+    import uvicorn
+
+    class DrainingServer(uvicorn.Server):
+        """uvicorn with a drain before its own shutdown: stop accepting, let the engine's requests finish
+        within the grace period, answer the rest with 503 (their handlers send it), then close."""
+
+        state: "ServerState"
+        grace_s: float
+
+        async def shutdown(self, sockets=None) -> None:
+            for server in self.servers:
+                server.close()  # no new connections; requests on kept-alive ones are answered 503
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + self.grace_s
+            engine = self.state.engine
+            if engine is not None:
+                engine.draining = True
+                while engine.num_active and loop.time() < deadline and not self.force_exit:
+                    await asyncio.sleep(0.05)
+                if engine.num_active:
+                    logger.warning("graceful shutdown: %d request(s) unfinished after %.0f s; answering them 503",
+                                   engine.num_active, self.grace_s)
+                    engine.fail_all("the server is shutting down (its graceful shutdown period ran out)")
+            # Let the handlers send those answers before uvicorn cancels whatever is left.
+            self.config.timeout_graceful_shutdown = max(deadline - loop.time(), 0.0) + 5.0
+            await super().shutdown(sockets)
+
+    return DrainingServer
 
 
 async def serve(config: ServerConfig) -> int:
@@ -185,7 +232,9 @@ async def serve(config: ServerConfig) -> int:
         access_log=config.log_level == "debug",
         lifespan="on",
     )
-    server = uvicorn.Server(uv_config)
+    server = draining_server_class()(uv_config)
+    server.state = app.state.jaxserve
+    server.grace_s = config.graceful_shutdown_timeout_s
     # uvicorn re-raises the signal it caught once it has shut down; a no-op handler turns that into exit 0.
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: None)

@@ -151,19 +151,19 @@ def check_constrained(results, requests, patterns) -> None:
 def test_overlapped_constrained_steps_match_synchronous_ones(engine, sync_results):
     requests, patterns = mixed_requests()
     dispatched = []  # per decode call: (constrained rows, of them reading their state from the device, step unread)
-    run_decode = engine.runner.run_decode
+    decode_inputs = engine.runner.decode_inputs
 
     def spy(seqs, rows):
         constrained = [r for s, r in zip(seqs, rows) if s.grammar is not None]
         dispatched.append((len(constrained), sum(r.grammar_from_device for r in constrained), bool(engine._pending)))
-        return run_decode(seqs, rows)
+        return decode_inputs(seqs, rows)
 
-    engine.runner.run_decode = spy
+    engine.runner.decode_inputs = spy
     preemptions = engine.stats().num_preemptions_total
     try:
         results = run_tokens(engine, requests)
     finally:
-        del engine.runner.run_decode
+        del engine.runner.decode_inputs
     assert results == sync_results
     check_constrained(results, requests, patterns)
     assert engine.stats().num_preemptions_total == preemptions  # (a recompute would be host-known)

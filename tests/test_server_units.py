@@ -258,32 +258,46 @@ def test_api_error_envelope_shape():
 
 # ------------------------------------------------------------------------------------ admission / models
 
-class _StatsOnlyEngine:
-    """Just enough of AsyncEngine for ServerState's admission and naming rules."""
+class _AdmissionOnlyEngine:
+    """Just enough of AsyncEngine for ServerState's admission, health and naming rules."""
 
     model_name = "served"
+    dead_reason = None
+    draining = False
 
-    def __init__(self, waiting: int) -> None:
-        self.waiting = waiting
+    def __init__(self, queued: int, limit: int = 3) -> None:
+        self.queued = queued
+        self.limit = limit
 
-    def stats(self):
-        from types import SimpleNamespace
+    def check_admission(self) -> None:
+        from jaxserve.engine.errors import EngineBusy, EngineDead
 
-        return SimpleNamespace(num_waiting=self.waiting)
+        if self.dead_reason is not None:
+            raise EngineDead(self.dead_reason)
+        if self.queued >= self.limit:
+            raise EngineBusy(f"the server is overloaded: {self.limit} requests are already queued; retry later")
 
 
-def test_admission_503_when_queue_full_and_while_starting():
+def test_admission_503_when_queue_full_dead_and_while_starting():
     from jaxserve.config import EngineConfig, ServerConfig
     from jaxserve.server.state import ServerState
 
     state = ServerState(ServerConfig(engine=EngineConfig(max_queued_requests=3)))
     err = api_error(state.admit)
     assert err.status_code == 503 and "starting" in err.message and err.headers == {"Retry-After": "1"}
-    state.engine = _StatsOnlyEngine(waiting=2)
+    assert state.health() == "starting"
+    state.engine = _AdmissionOnlyEngine(queued=2)
     state.admit()
-    state.engine.waiting = 3
+    assert state.health() is None
+    state.engine.queued = 3
     err = api_error(state.admit)
-    assert err.status_code == 503 and "3 requests are already waiting" in err.message
+    assert err.status_code == 503 and "3 requests are already queued" in err.message
+    assert err.headers == {"Retry-After": "1"}
+    state.engine.dead_reason = "the engine thread died"
+    err = api_error(state.admit)
+    assert err.status_code == 503 and err.code == "engine_unavailable" and "thread died" in err.message
+    assert "thread died" in state.health()
+    state.engine = _AdmissionOnlyEngine(queued=0)
     assert state.resolve_model(None) == "served" and state.resolve_model("served") == "served"
     assert api_error(state.resolve_model, "other").status_code == 404
     state.startup_error = "boom"

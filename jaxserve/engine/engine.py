@@ -12,10 +12,11 @@ import math
 import queue
 import random
 import threading
+import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, AsyncIterator, Iterable
+from typing import Any, AsyncIterator, Callable, Iterable
 
 import jax
 
@@ -28,9 +29,11 @@ from jaxserve.engine.request import (
     SeqStatus,
     TokenLogprob,
 )
+from jaxserve.engine.errors import EngineBusy, EngineDead, RequestFailed
 from jaxserve.engine.runner import ModelRunner, PendingResult, StepResult
 from jaxserve.engine.scheduler import Scheduler, SchedulerLimits
-from jaxserve.constrained.grammar import Grammar, make_grammar
+from jaxserve.constrained.grammar import Grammar
+from jaxserve.constrained.service import ConstraintService, ConstraintServiceBusy
 from jaxserve.engine import stops
 from jaxserve.models.loader import load_params, resolve_model
 from jaxserve.sampling.batch import SamplingRow
@@ -91,6 +94,10 @@ class LLMEngine:
         self.config = config
         self.overlap = overlap
         self._pending: list[tuple[Sequence, PendingResult, int]] = []
+        self._failed: list[RequestOutput] = []  # requests failed since the last step's outputs
+        # Test hook for fault injection: called as fault_hook(stage, request_id) with stage "add" (preparing
+        # a request), "step" (building its row of a step) or "postprocess" (reading its sampled token).
+        self.fault_hook: Callable[[str, str], None] | None = None
         enable_compilation_cache(config.compilation_cache_dir)
         if config.tp_size != 1:
             raise ValueError("tensor parallelism (tp_size > 1) is not implemented yet; use --tp-size 1")
@@ -143,10 +150,12 @@ class LLMEngine:
         self.num_constrained_host_advance_total = 0
         self.num_prefill_tokens_computed = 0  # prompt tokens actually run through the model
         self.warmup_seconds: float | None = None
-        self._constraint_compiler = None
-        self._grammars: dict[tuple, Grammar] = {}  # compiled constraints with their closing rows
-        self._vocab_info = None
-        self._vocab_lock = threading.Lock()
+        # Compiles constraints on its own bounded pool, under time and memory budgets, with a byte-bounded
+        # cache (the vocabulary's token bytes are read at the first compile).
+        self.constraints = ConstraintService(
+            self.tokenizer.token_bytes, self.end_token_ids, cfg.vocab_size,
+            max_workers=config.constraint_workers, max_pending=config.max_pending_constraints,
+        )
         log.info("model %s (%s, %s), %d KV pages of %d tokens, attention %s", parts.path, cfg.family,
                  self.dtype, num_pages, config.page_size, self.runner.attention_name)
 
@@ -198,6 +207,7 @@ class LLMEngine:
         if request_id in self._requests:
             raise ValueError(f"duplicate request id {request_id!r}")
         max_tokens = self.validate(prompt_ids, params)
+        self._inject("add", request_id)
         residency = None
         if grammar is not None:
             self.check_budget(grammar, max_tokens)
@@ -206,7 +216,7 @@ class LLMEngine:
             try:
                 residency = self.grammar_pool.add(grammar)
             except GrammarPoolFullError as e:
-                raise ValueError(f"{e}; too many large constraints are in flight, retry later") from e
+                raise EngineBusy(f"{e}; too many large constraints are in flight, retry later") from e
             for _ in range(params.n - 1):
                 self.grammar_pool.add(grammar)  # one reference per choice, released at finish
             if not residency.device_advance:
@@ -254,27 +264,20 @@ class LLMEngine:
                 f"{grammar.min_tokens_needed()} tokens including the end token"
             )
 
-    def compile_constraint(self, constraint):
-        """Compile a Constraint into token tables (LRU-cached, thread-safe); ValueError when it cannot be."""
-        with self._vocab_lock:
-            if self._vocab_info is None:
-                from jaxserve.constrained.compiler import ConstraintCompiler
-                from jaxserve.constrained.vocab import VocabInfo
+    def compile_constraint(self, constraint) -> Grammar:
+        """Compile a Constraint into token tables (cached, thread-safe). ValueError when it is invalid or too
+        complex for the compile budget; EngineBusy when too many compiles are queued."""
+        try:
+            return self.constraints.compile(constraint)
+        except ConstraintServiceBusy as e:
+            raise EngineBusy(str(e)) from None
 
-                self._constraint_compiler = ConstraintCompiler()
-                self._vocab_info = VocabInfo.from_token_bytes(
-                    self.tokenizer.token_bytes(), eos_token_ids=self.end_token_ids,
-                    vocab_width=self.model_config.vocab_size,
-                )
-        table = self._constraint_compiler.compile(constraint.kind, constraint.spec, self._vocab_info)
-        with self._vocab_lock:
-            grammar = self._grammars.get(table.key)
-            if grammar is None:
-                grammar = make_grammar(table)
-                self._grammars[table.key] = grammar
-                while len(self._grammars) > 256:
-                    self._grammars.pop(next(iter(self._grammars)))
-        return grammar
+    async def compile_constraint_async(self, constraint) -> Grammar:
+        """As `compile_constraint`, on the constraint service's own threads (a cache hit answers at once)."""
+        try:
+            return await self.constraints.compile_async(constraint)
+        except ConstraintServiceBusy as e:
+            raise EngineBusy(str(e)) from None
 
     def stats(self) -> EngineStats:
         return EngineStats(
@@ -317,7 +320,10 @@ class LLMEngine:
         computes this one. Tokens of the step in flight are placeholders (-1) in `output_ids`; the next
         decode of such a sequence reads its token, and for a constrained one its grammar state, on the
         device. Only a constraint without device transition tables (they did not fit) needs its token on
-        the host before its next mask row is known: while such a one runs, steps are synchronous."""
+        the host before its next mask row is known: while such a one runs, steps are synchronous.
+
+        A failure that concerns one request (preparing its row, reading or post-processing its token)
+        fails that request alone; the others go on. `EngineDead` means the device state was lost."""
         advanced: list[Sequence] = []
         if self._pending and any(s.grammar is not None and not s.grammar_on_device for s in self.scheduler.running):
             advanced += self._resolve(self._pending)
@@ -328,28 +334,108 @@ class LLMEngine:
             self.runner.apply_forks([(a, b) for a, b, _ in sched.copies], [(a, b) for a, b, _ in sched.slot_forks])
         current: list[tuple[Sequence, PendingResult, int]] = []
         if sched.decode:
-            rows = [self._sampling_row(s, True) for s in sched.decode]
-            pending = self.runner.run_decode(sched.decode, rows)
-            for i, s in enumerate(sched.decode):
+            pending, decode = self._dispatch(self.runner.decode_inputs, self._live([(s, s, True) for s in sched.decode]))
+            for i, (s, _, _) in enumerate(decode):
                 s.num_computed += 1
                 self._reserve(s)
                 current.append((s, pending, i))
         if sched.prefill:
-            self.num_prefill_tokens_computed += sum(c.length for c in sched.prefill)
-            emits = [c.is_last and not c.seq.output_ids for c in sched.prefill]
-            rows = [self._sampling_row(c.seq, e) for c, e in zip(sched.prefill, emits)]
-            pending = self.runner.run_prefill(sched.prefill, rows)
-            for i, (c, e) in enumerate(zip(sched.prefill, emits)):
-                c.seq.num_computed += c.length
-                if e:
-                    self._reserve(c.seq)
-                    current.append((c.seq, pending, i))
+            emits = {id(c): c.is_last and not c.seq.output_ids for c in sched.prefill}
+            pending, prefill = self._dispatch(self.runner.prefill_inputs,
+                                              self._live([(c.seq, c, emits[id(c)]) for c in sched.prefill]))
+            self.num_prefill_tokens_computed += sum(c.length for _, c, _ in prefill)
+            for i, (s, c, _) in enumerate(prefill):
+                s.num_computed += c.length
+                if emits[id(c)]:
+                    self._reserve(s)
+                    current.append((s, pending, i))
         advanced += self._resolve(self._pending)
         self._pending = current
         if not self.overlap:
             advanced += self._resolve(self._pending)
             self._pending = []
-        return self._collect(advanced)
+        failed, self._failed = self._failed, []
+        return self._collect(advanced) + failed
+
+    def _live(self, entries: list[tuple[Sequence, Any, bool]]) -> list[tuple[Sequence, Any, SamplingRow]]:
+        """(sequence, item, emits) -> (sequence, item, sampling row) for the rows whose preparation works;
+        a request whose row cannot be prepared fails alone (a failed request may have had other choices
+        in this batch: those are dropped too)."""
+        out = []
+        for seq, item, emits in entries:
+            if seq.is_finished:
+                continue
+            try:
+                self._inject("step", seq.request_id)
+                out.append((seq, item, self._sampling_row(seq, emits)))
+            except Exception as e:
+                self._fail(seq.request_id, "preparing its step", e)
+        return [e for e in out if not e[0].is_finished]
+
+    def _dispatch(self, build: Callable[[list, list[SamplingRow]], Any], entries: list) -> tuple[Any, list]:
+        """Build one step's host arrays from (sequence, item, row) entries and launch it; returns the step in
+        flight and the entries it holds, in row order. When building fails, the rows that fail on their own
+        are failed and the step is rebuilt without them; when the launch fails, the requests of this step
+        fail, or the engine is dead if the device state went with it."""
+        if not entries:
+            return None, []
+        items = [item for _, item, _ in entries]
+        rows = [row for _, _, row in entries]
+        try:
+            inputs = build(items, rows)
+        except Exception as batch_error:
+            survivors = []
+            for entry in entries:
+                try:
+                    build([entry[1]], [entry[2]])
+                    survivors.append(entry)
+                except Exception as e:
+                    self._fail(entry[0].request_id, "building its step", e)
+            survivors = [e for e in survivors if not e[0].is_finished]
+            if len(survivors) == len(entries):  # no row is to blame on its own: the step concerns them all
+                for seq, _, _ in entries:
+                    self._fail(seq.request_id, "building its step", batch_error)
+                return None, []
+            return self._dispatch(build, survivors)
+        try:
+            return self.runner.dispatch(inputs, len(entries)), entries
+        except Exception as e:
+            if self.runner.state_lost():
+                raise EngineDead(f"a step failed and took the KV cache with it: {type(e).__name__}: {e}") from e
+            log.exception("dispatching a step failed; failing its %d requests", len(entries))
+            for seq, _, _ in entries:
+                self._fail(seq.request_id, "running its step", e)
+            return None, []
+
+    def _inject(self, stage: str, request_id: str) -> None:
+        if self.fault_hook is not None:
+            self.fault_hook(stage, request_id)
+
+    def _fail(self, request_id: str, during: str, error: BaseException) -> None:
+        """End a request with an error (its pages and grammar references are freed); the engine goes on."""
+        seqs = self._requests.pop(request_id, None)
+        if seqs is None:
+            return
+        log.error("request %s failed while %s: %s: %s", request_id, during, type(error).__name__, error,
+                  exc_info=(type(error), error, error.__traceback__))
+        for s in seqs:
+            if not s.is_finished:
+                self._finish(s, "error")
+        message = f"the request failed in the engine while {during}: {type(error).__name__}: {error}"
+        self._failed.append(RequestOutput(request_id, [], len(seqs[0].prompt_ids),
+                                          sum(len(s.output_ids) for s in seqs), True, error=message))
+
+    def fail_all(self, reason: str) -> list[RequestOutput]:
+        """End every request with `reason` as its error (engine shutting down or unable to continue)."""
+        for rid in list(self._requests):
+            self._fail(rid, "the engine stopped", RuntimeError(reason))
+        self._pending = []
+        failed, self._failed = self._failed, []
+        return failed
+
+    @property
+    def num_requests(self) -> int:
+        return len(self._requests)
 
     @staticmethod
     def _reserve(seq: Sequence) -> None:
@@ -361,7 +447,19 @@ class LLMEngine:
         for seq, pending, row in entries:
             if seq.is_finished:  # finished (or aborted) while this step was in flight: discard the token
                 continue
-            self._append(seq, pending.result(), row)
+            try:
+                result = pending.result()
+            except Exception as e:  # the device step failed: every request of that step is concerned
+                if self.runner.state_lost():
+                    raise EngineDead(f"a step failed on the device: {type(e).__name__}: {e}") from e
+                self._fail(seq.request_id, "reading its step's result", e)
+                continue
+            try:
+                self._inject("postprocess", seq.request_id)
+                self._append(seq, result, row)
+            except Exception as e:
+                self._fail(seq.request_id, "post-processing its token", e)
+                continue
             done.append(seq)
         return done
 
@@ -425,14 +523,28 @@ class LLMEngine:
 
 
 class AsyncEngine:
-    """Runs an `LLMEngine` on its own thread; the asyncio side only enqueues and awaits outputs."""
+    """Runs an `LLMEngine` on its own thread; the asyncio side only enqueues and awaits outputs.
 
-    def __init__(self, engine: LLMEngine) -> None:
+    Admission counts every request submitted but not yet producing output (compiling its constraint, in
+    the inbox, waiting, prefilling). A watchdog thread notices a dead or stuck engine thread; from then on
+    `dead_reason` says why, every waiting client gets `EngineDead` at once and new requests are refused."""
+
+    def __init__(self, engine: LLMEngine, *, stuck_step_timeout_s: float | None = None,
+                 watchdog_interval_s: float = 1.0) -> None:
         self.engine = engine
         self._inbox: queue.Queue = queue.Queue()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._not_started: set[str] = set()
         self._thread: threading.Thread | None = None
+        self._watchdog: threading.Thread | None = None
         self._stopping = threading.Event()
+        self._step_started: float | None = None  # monotonic start of the step running now
+        self.stuck_step_timeout_s = (engine.config.stuck_step_timeout_s if stuck_step_timeout_s is None
+                                     else stuck_step_timeout_s)
+        self.watchdog_interval_s = watchdog_interval_s
+        self.dead_reason: str | None = None
+        self.draining = False  # shutting down: no new requests
+        self._closing_reason: str | None = None  # set by fail_all: requests not yet in the engine are refused
         self.ready = False
 
     @classmethod
@@ -458,55 +570,92 @@ class AsyncEngine:
     def stats(self) -> EngineStats:
         return self.engine.stats()
 
+    @property
+    def num_queued(self) -> int:
+        """Requests admitted but not yet producing output."""
+        return len(self._not_started)
+
+    @property
+    def num_active(self) -> int:
+        """Requests admitted and not yet finished (queued or running)."""
+        return len(set(self._streams) | self._not_started)
+
+    def check_admission(self) -> None:
+        """Raise EngineDead / EngineBusy when a new request cannot be taken now."""
+        if self.dead_reason is not None:
+            raise EngineDead(self.dead_reason)
+        if self.draining:
+            raise EngineBusy("the server is shutting down and takes no new requests")
+        if not self.ready:
+            raise EngineBusy("the engine is not started")
+        limit = self.engine.config.max_queued_requests
+        if len(self._not_started) >= limit:
+            raise EngineBusy(f"the server is overloaded: {limit} requests are already queued; retry later")
+
     async def start(self, progress=None) -> None:
-        """Precompile every shape bucket, then start the engine thread."""
+        """Precompile every shape bucket, then start the engine thread and its watchdog."""
         if self._thread is not None:
             return
         await asyncio.to_thread(self.engine.warmup, progress)
         self._thread = threading.Thread(target=self._loop, name="jaxserve-engine", daemon=True)
         self._thread.start()
+        self._watchdog = threading.Thread(target=self._watch, name="jaxserve-engine-watchdog", daemon=True)
+        self._watchdog.start()
         self.ready = True
 
     async def shutdown(self) -> None:
         self._stopping.set()
         self._inbox.put(("wake",))
         if self._thread is not None:
-            await asyncio.to_thread(self._thread.join)
-            self._thread = None
-        for rid, (loop, q) in list(self._streams.items()):
-            loop.call_soon_threadsafe(q.put_nowait, RuntimeError("the server is shutting down"))
+            # A dead engine's thread may be stuck in a step that never returns: do not wait long for it.
+            await asyncio.to_thread(self._thread.join, 1.0 if self.dead_reason else 30.0)
+        self._thread = None
+        for rid in list(self._streams):
+            self._deliver(rid, EngineBusy("the server is shutting down"))
         self._streams.clear()
         self.ready = False
 
     def abort(self, request_id: str) -> None:
         self._inbox.put(("abort", request_id))
 
+    def fail_all(self, reason: str) -> None:
+        """Answer every request in the engine with EngineBusy(reason) (graceful shutdown ran out of time)."""
+        self._closing_reason = reason
+        self._inbox.put(("fail_all", reason))
+
     async def generate(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None) -> AsyncIterator[RequestOutput]:
-        if not self.ready:
-            raise RuntimeError("the engine is not started")
+        self.check_admission()
         request_id = request_id or uuid.uuid4().hex
-        max_tokens = self.engine.validate(prompt_ids, params)
-        grammar = None
-        if params.constraint is not None:
-            grammar = await asyncio.to_thread(self.engine.compile_constraint, params.constraint)
-            self.engine.check_budget(grammar, max_tokens)
-        loop = asyncio.get_running_loop()
-        q: asyncio.Queue = asyncio.Queue()
-        if request_id in self._streams:
+        if request_id in self._streams or request_id in self._not_started:
             raise ValueError(f"duplicate request id {request_id!r}")
-        self._streams[request_id] = (loop, q)
-        self._inbox.put(("add", request_id, list(prompt_ids), params, grammar))
+        max_tokens = self.engine.validate(prompt_ids, params)
+        self._not_started.add(request_id)
         finished = False
         try:
+            grammar = None
+            if params.constraint is not None:
+                grammar = await self.engine.compile_constraint_async(params.constraint)
+                self.engine.check_budget(grammar, max_tokens)
+            loop = asyncio.get_running_loop()
+            q: asyncio.Queue = asyncio.Queue()
+            self._streams[request_id] = (loop, q)
+            if self.dead_reason is not None:  # died while this request compiled: nobody would answer it
+                raise EngineDead(self.dead_reason)
+            if self._closing_reason is not None:  # the drain answered everyone while this one compiled
+                raise EngineBusy(self._closing_reason)
+            self._inbox.put(("add", request_id, list(prompt_ids), params, grammar))
             while True:
                 item = await q.get()
                 if isinstance(item, BaseException):
+                    finished = True  # the engine has already dropped it
                     raise item
+                self._not_started.discard(request_id)
                 finished = item.finished
                 yield item
                 if finished:
                     return
         finally:
+            self._not_started.discard(request_id)
             self._streams.pop(request_id, None)
             if not finished:
                 self.abort(request_id)
@@ -516,7 +665,12 @@ class AsyncEngine:
         stream = self._streams.get(request_id)
         if stream is not None:
             loop, q = stream
-            loop.call_soon_threadsafe(q.put_nowait, item)
+            if isinstance(item, RequestOutput) and item.error is not None:
+                item = RequestFailed(item.error)
+            try:
+                loop.call_soon_threadsafe(q.put_nowait, item)
+            except RuntimeError:  # the client's event loop is closed: nobody is waiting
+                pass
 
     def _handle(self, msg: tuple) -> None:
         kind = msg[0]
@@ -524,13 +678,28 @@ class AsyncEngine:
             _, rid, ids, params, grammar = msg
             try:
                 self.engine.add_request(rid, ids, params, grammar)
-            except ValueError as e:
+            except (ValueError, EngineBusy) as e:
                 self._deliver(rid, e)
+            except Exception as e:  # a bug or an injected fault while preparing: this request alone fails
+                log.exception("adding request %s failed", rid)
+                self.engine.abort(rid)
+                self._deliver(rid, RequestFailed(f"the request failed in the engine while being added: "
+                                                 f"{type(e).__name__}: {e}"))
         elif kind == "abort":
             self.engine.abort(msg[1])
+        elif kind == "fail_all":
+            for out in self.engine.fail_all(msg[1]):
+                self._deliver(out.request_id, EngineBusy(msg[1]))
 
     def _loop(self) -> None:
-        while not self._stopping.is_set():
+        try:
+            self._serve()
+        except BaseException as e:  # noqa: BLE001 - whatever ends the thread must be reported
+            log.exception("the engine thread died")
+            self._die(f"the engine thread died: {type(e).__name__}: {e}")
+
+    def _serve(self) -> None:
+        while not self._stopping.is_set() and self.dead_reason is None:
             try:
                 block = not self.engine.has_work()
                 while True:
@@ -539,24 +708,50 @@ class AsyncEngine:
                     block = False
             except queue.Empty:
                 pass
-            if self._stopping.is_set():
+            if self._stopping.is_set() or self.dead_reason is not None:
                 break
             if not self.engine.has_work():
                 continue
+            self._step_started = time.monotonic()
             try:
                 outputs = self.engine.step()
-            except Exception as e:  # a bug or a device failure: fail the affected requests loudly
+            except EngineDead as e:
+                log.exception("the engine cannot continue")
+                self._die(str(e))
+                return
+            except Exception as e:  # a bug outside any one request's work: the step's requests all fail
                 log.exception("engine step failed")
-                for rid in list(self.engine._requests):
-                    self.engine.abort(rid)
-                    self._deliver(rid, RuntimeError(f"engine step failed: {e}"))
-                continue
+                outputs = self.engine.fail_all(f"an engine step failed: {type(e).__name__}: {e}")
+                if self.engine.runner.state_lost() or self.engine.allocator.num_used:
+                    self._die(f"an engine step failed and left the engine inconsistent: {type(e).__name__}: {e}")
+                    return
+            finally:
+                self._step_started = None
             for out in outputs:
                 self._deliver(out.request_id, out)
         for rid in list(self.engine._requests):
             out = self.engine.abort(rid)
             if out is not None:
                 self._deliver(rid, out)
+
+    def _watch(self) -> None:
+        while not self._stopping.wait(self.watchdog_interval_s):
+            thread = self._thread
+            if thread is not None and not thread.is_alive():
+                self._die("the engine thread exited unexpectedly")
+                return
+            started = self._step_started
+            if started is not None and time.monotonic() - started > self.stuck_step_timeout_s:
+                self._die(f"an engine step has not returned for more than {self.stuck_step_timeout_s:g} s")
+                return
+
+    def _die(self, reason: str) -> None:
+        """The engine cannot serve any more: say so to every waiting client and to /health."""
+        if self.dead_reason is None:
+            self.dead_reason = reason
+            log.error("engine is dead: %s", reason)
+        for rid in list(self._streams):
+            self._deliver(rid, EngineDead(reason))
 
 
 @dataclass
@@ -574,6 +769,7 @@ class GenerationResult:
     request_id: str
     prompt_ids: list[int]
     outputs: list[Completion]
+    error: str | None = None  # the engine failed this request (its outputs end with finish_reason "error")
 
 
 class LLM:
@@ -606,6 +802,10 @@ class LLM:
         while self.engine.has_work():
             for out in self.engine.step():
                 res = results[out.request_id]
+                if out.error is not None:
+                    res.error = out.error
+                    for comp in res.outputs:
+                        comp.finish_reason = comp.finish_reason or "error"
                 for c in out.outputs:
                     comp = res.outputs[c.index]
                     comp.text += c.text

@@ -41,6 +41,7 @@ class RequestOutput:
     num_prompt_tokens: int
     num_output_tokens: int
     finished: bool
+    error: str | None = None  # set when the engine failed this request (it is finished, with no more output)
 
 
 @dataclass(eq=False)

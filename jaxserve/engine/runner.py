@@ -268,20 +268,29 @@ class ModelRunner:
         self.apply_forks([], [])
         for i, (rows, tokens, pages) in enumerate(shapes):
             inp = self._empty_inputs(rows, tokens, pages)
-            out, self.cache = self._run(inp)
+            out = self._run(inp)
             jax.block_until_ready(out.tokens)
             if progress is not None:
                 progress(i + 1, len(shapes), (rows, tokens, pages))
         return time.perf_counter() - t0
 
-    def _run(self, inp: StepInputs) -> tuple[SampleOutput, PagedKVCache]:
+    def _run(self, inp: StepInputs) -> SampleOutput:
         sample_rows = inp.sampling.temperature.shape[0]  # built at the sampler's row bucket
-        logits, cache, penalty = self._forward(sample_rows, self.params, self.cache, self.penalty, self.last_tokens, inp)
+        # Each donated buffer is replaced as soon as its successor exists, so a failure in a later call
+        # leaves the runner with valid state whenever that is still possible (see `state_lost`).
+        logits, self.cache, penalty = self._forward(sample_rows, self.params, self.cache, self.penalty,
+                                                    self.last_tokens, inp)
         out, self.last_tokens, self.grammar_state = self._sample(
             logits, inp.sampling, penalty, self._grammar_tables_fn(), self.end_ids, self.last_tokens, self.grammar_state
         )
         self.penalty = out.penalty
-        return out, cache
+        return out
+
+    def state_lost(self) -> bool:
+        """True when a failed call consumed a donated buffer (KV cache, penalty state, last tokens) without
+        producing its successor: the engine cannot go on without losing every running request."""
+        leaves = jax.tree.leaves((self.cache, self.penalty, self.last_tokens, self.grammar_state))
+        return any(x.is_deleted() for x in leaves)
 
     # -- building inputs -------------------------------------------------------------------------
     def _sample_rows(self, rows: int) -> int:
@@ -289,23 +298,32 @@ class ModelRunner:
         return _first_at_least(self.buckets.sample_rows, rows)
 
     def _empty_inputs(self, rows: int, tokens: int, pages: int) -> StepInputs:
+        zeros = np.zeros((rows, tokens), np.int32)
         return self._inputs(
-            np.zeros((rows, tokens), np.int32), np.zeros((rows, tokens), np.int32),
-            np.zeros((rows, pages), np.int32), np.zeros(rows, np.int32), np.zeros(rows, np.int32),
-            np.zeros((rows, tokens), np.int32), np.zeros((rows, tokens), np.int32), np.zeros(rows, np.int32),
-            build_sampling_batch([], self._sample_rows(rows)), np.full(rows, -1, np.int32), np.full(rows, -1, np.int32),
-            np.zeros(rows, np.int32), np.zeros(rows, np.int32), np.full(rows, -1, np.int32),
+            tokens=zeros, positions=zeros, page_table=np.zeros((rows, pages), np.int32),
+            seq_lens=np.zeros(rows, np.int32), q_start=np.zeros(rows, np.int32), slot_page=zeros, slot_offset=zeros,
+            sampling=build_sampling_batch([], self._sample_rows(rows)),
         )
 
     @staticmethod
-    def _inputs(tokens, positions, page_table, seq_lens, q_start, slot_page, slot_offset, logits_index,
-                sampling, reset_slot, chunk_slot, chunk_prompt_len, chunk_len, token_slot) -> StepInputs:
+    def _inputs(*, tokens: np.ndarray, positions: np.ndarray, page_table: np.ndarray, seq_lens: np.ndarray,
+                q_start: np.ndarray, slot_page: np.ndarray, slot_offset: np.ndarray, sampling: SamplingBatch,
+                logits_index: np.ndarray | None = None, reset_slot: np.ndarray | None = None,
+                chunk_slot: np.ndarray | None = None, chunk_prompt_len: np.ndarray | None = None,
+                chunk_len: np.ndarray | None = None, token_slot: np.ndarray | None = None) -> StepInputs:
+        """Step inputs by name; the optional per-row arrays default to "nothing to do" for every row."""
+        rows = tokens.shape[0]
+
+        def or_fill(a: np.ndarray | None, value: int) -> np.ndarray:
+            return np.full(rows, value, np.int32) if a is None else a
+
         return StepInputs(
             tokens=tokens, positions=positions,
             meta=PagedMeta(page_table=page_table, seq_lens=seq_lens, q_start=q_start,
                            slot_page=slot_page, slot_offset=slot_offset),
-            logits_index=logits_index, sampling=sampling, reset_slot=reset_slot, chunk_slot=chunk_slot,
-            chunk_prompt_len=chunk_prompt_len, chunk_len=chunk_len, token_slot=token_slot,
+            logits_index=or_fill(logits_index, 0), sampling=sampling, reset_slot=or_fill(reset_slot, -1),
+            chunk_slot=or_fill(chunk_slot, -1), chunk_prompt_len=or_fill(chunk_prompt_len, 0),
+            chunk_len=or_fill(chunk_len, 0), token_slot=or_fill(token_slot, -1),
         )
 
     def _fill_slots(self, seq: Sequence, start: int, length: int, slot_page: np.ndarray, slot_offset: np.ndarray, row: int) -> None:
@@ -314,7 +332,8 @@ class ModelRunner:
         slot_page[row, :length] = pages[pos // self.page_size]
         slot_offset[row, :length] = pos % self.page_size
 
-    def run_decode(self, seqs: list[Sequence], rows_info: list[SamplingRow]) -> "PendingResult":
+    def decode_inputs(self, seqs: list[Sequence], rows_info: list[SamplingRow]) -> StepInputs:
+        """Host arrays of a decode step (pure host work: a failure here leaves the device state intact)."""
         n = len(seqs)
         max_pages = max(len(s.pages) for s in seqs)
         rows, width = self.buckets.decode_shape(n, max_pages)
@@ -338,13 +357,14 @@ class ModelRunner:
             seq_lens[i] = pos + 1
             q_start[i] = pos
             self._fill_slots(s, pos, 1, slot_page, slot_offset, i)
-        none = np.full(rows, -1, np.int32)
-        zeros = np.zeros(rows, np.int32)
-        inp = self._inputs(tokens, positions, page_table, seq_lens, q_start, slot_page, slot_offset, zeros,
-                           build_sampling_batch(rows_info, self._sample_rows(rows)), none, none, zeros, zeros, token_slot)
-        return self._dispatch(inp, n)
+        return self._inputs(
+            tokens=tokens, positions=positions, page_table=page_table, seq_lens=seq_lens, q_start=q_start,
+            slot_page=slot_page, slot_offset=slot_offset, token_slot=token_slot,
+            sampling=build_sampling_batch(rows_info, self._sample_rows(rows)),
+        )
 
-    def run_prefill(self, chunks: list[PrefillChunk], rows_info: list[SamplingRow]) -> "PendingResult":
+    def prefill_inputs(self, chunks: list[PrefillChunk], rows_info: list[SamplingRow]) -> StepInputs:
+        """Host arrays of a prefill step (pure host work, like `decode_inputs`)."""
         n = len(chunks)
         rows, t, width = self.buckets.prefill_shape(n, max(c.length for c in chunks), max(len(c.seq.pages) for c in chunks))
         tokens = np.zeros((rows, t), np.int32)
@@ -374,14 +394,16 @@ class ModelRunner:
             chunk_slot[i] = s.slot
             chunk_prompt_len[i] = max(0, min(c.length, len(s.prompt_ids) - c.start))
             chunk_len[i] = c.length
-        inp = self._inputs(tokens, positions, page_table, seq_lens, q_start, slot_page, slot_offset, logits_index,
-                           build_sampling_batch(rows_info, self._sample_rows(rows)), reset_slot, chunk_slot, chunk_prompt_len, chunk_len,
-                           np.full(rows, -1, np.int32))
-        return self._dispatch(inp, n)
+        return self._inputs(
+            tokens=tokens, positions=positions, page_table=page_table, seq_lens=seq_lens, q_start=q_start,
+            slot_page=slot_page, slot_offset=slot_offset, logits_index=logits_index, reset_slot=reset_slot,
+            chunk_slot=chunk_slot, chunk_prompt_len=chunk_prompt_len, chunk_len=chunk_len,
+            sampling=build_sampling_batch(rows_info, self._sample_rows(rows)),
+        )
 
-    def _dispatch(self, inp: StepInputs, n: int) -> "PendingResult":
-        out, self.cache = self._run(inp)
-        return PendingResult(out, n)
+    def dispatch(self, inp: StepInputs, n: int) -> "PendingResult":
+        """Launch one step on the device (asynchronously); its first `n` rows are real."""
+        return PendingResult(self._run(inp), n)
 
 
 class PendingResult:

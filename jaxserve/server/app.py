@@ -156,7 +156,11 @@ def build_app(
 
     @app.get("/health")
     async def health() -> JSONResponse:
-        state.require_engine()
+        state.require_engine()  # 503 while starting or after a failed start
+        problem = state.health()
+        if problem is not None:
+            return JSONResponse({"status": "unavailable", "reason": problem}, status_code=503,
+                                headers={"Retry-After": "1"})
         return JSONResponse({"status": "ok"})
 
     @app.get("/metrics")

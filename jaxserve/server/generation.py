@@ -9,8 +9,9 @@ from typing import TYPE_CHECKING, AsyncIterator, Awaitable, TypeVar
 
 from starlette.requests import Request
 
+from jaxserve.engine.errors import EngineBusy, EngineDead, RequestFailed
 from jaxserve.sampling.params import SamplingParams
-from jaxserve.server.errors import APIError, ClientDisconnected, bad_request
+from jaxserve.server.errors import APIError, ClientDisconnected, bad_request, server_busy
 from jaxserve.server.metrics import RequestTimer, ServerMetrics
 
 if TYPE_CHECKING:
@@ -20,8 +21,27 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
+def engine_error(exc: BaseException) -> APIError | None:
+    """The HTTP answer to an exception the engine raised for one request (None: not the engine's)."""
+    if isinstance(exc, ValueError):
+        return bad_request(str(exc))
+    if isinstance(exc, EngineBusy):
+        return server_busy(str(exc))
+    if isinstance(exc, EngineDead):
+        return APIError(503, f"the engine is unavailable: {exc}", type="server_error", code="engine_unavailable")
+    if isinstance(exc, RequestFailed):
+        return APIError(500, str(exc), type="server_error", code="request_failed")
+    return None
+
+
+def timed_out(seconds: float) -> APIError:
+    return APIError(504, f"the request did not finish within the server's request timeout of {seconds:g} s",
+                    type="server_error", code="request_timeout")
+
+
 class Generation:
-    """One engine request, already past the engine's input checks (its first output is in hand)."""
+    """One engine request, already past the engine's input checks (its first output is in hand).
+    Iterating it raises `APIError` for whatever ends it early (engine errors, the request deadline)."""
 
     def __init__(
         self,
@@ -30,18 +50,19 @@ class Generation:
         iterator: AsyncIterator["RequestOutput"],
         first: "RequestOutput",
         timer: RequestTimer,
+        deadline: float | None = None,
+        timeout_s: float | None = None,
     ) -> None:
         self.engine = engine
         self.request_id = request_id
         self._iterator = iterator
         self._first: "RequestOutput | None" = first
         self._timer = timer
-        self._finished = False
+        self._deadline = deadline  # loop.time() by which the request must finish
+        self._timeout_s = timeout_s
         self._closed = False
-        self._output_tokens = 0
-        timer_tokens = first.num_output_tokens
-        timer.on_output(time.perf_counter(), timer_tokens)
-        self._output_tokens = timer_tokens
+        timer.on_output(time.perf_counter(), first.num_output_tokens)
+        self._output_tokens = first.num_output_tokens
         self._finished = first.finished
 
     def __aiter__(self) -> "Generation":
@@ -53,7 +74,7 @@ class Generation:
             return out
         if self._finished:
             raise StopAsyncIteration
-        out = await self._iterator.__anext__()
+        out = await _next_output(self._iterator, self._deadline, self._timeout_s)
         self._timer.on_output(time.perf_counter(), out.num_output_tokens - self._output_tokens)
         self._output_tokens = out.num_output_tokens
         self._finished = out.finished
@@ -74,21 +95,40 @@ class Generation:
             logger.exception("closing the engine iterator of %s failed", self.request_id)
 
 
+async def _next_output(iterator: AsyncIterator["RequestOutput"], deadline: float | None,
+                       timeout_s: float | None) -> "RequestOutput":
+    """The engine's next output, with its exceptions (and the deadline) as APIErrors."""
+    try:
+        if deadline is None:
+            return await iterator.__anext__()
+        remaining = deadline - asyncio.get_running_loop().time()
+        return await asyncio.wait_for(iterator.__anext__(), max(remaining, 0.0))
+    except asyncio.TimeoutError:
+        raise timed_out(timeout_s or 0.0) from None
+    except StopAsyncIteration:
+        raise
+    except Exception as exc:
+        err = engine_error(exc)
+        if err is None:
+            raise
+        raise err from None
+
+
 async def start_generation(
     engine: "AsyncEngine",
     metrics: ServerMetrics,
     prompt_ids: list[int],
     params: SamplingParams,
     request_id: str,
+    timeout_s: float | None = None,
 ) -> Generation:
-    """Submit and wait for the first output; the engine's ValueError (bad input) becomes a 400."""
+    """Submit and wait for the first output; the engine's errors become their HTTP statuses (bad input 400,
+    busy 503, failed 500, past `timeout_s` 504)."""
     start = time.perf_counter()
+    deadline = asyncio.get_running_loop().time() + timeout_s if timeout_s is not None else None
     iterator = engine.generate(prompt_ids, params, request_id)
     try:
-        first = await iterator.__anext__()
-    except ValueError as exc:
-        await iterator.aclose()
-        raise bad_request(str(exc)) from None
+        first = await _next_output(iterator, deadline, timeout_s)
     except StopAsyncIteration:
         raise APIError(500, "the engine ended the request without any output", type="server_error") from None
     except BaseException:
@@ -96,7 +136,30 @@ async def start_generation(
         await iterator.aclose()
         raise
     metrics.prompt_tokens.inc(first.num_prompt_tokens)
-    return Generation(engine, request_id, iterator, first, RequestTimer(metrics, start))
+    return Generation(engine, request_id, iterator, first, RequestTimer(metrics, start), deadline, timeout_s)
+
+
+async def start_generations(
+    engine: "AsyncEngine",
+    metrics: ServerMetrics,
+    prompts: list[list[int]],
+    params: SamplingParams,
+    request_ids: list[str],
+    timeout_s: float | None = None,
+) -> list[Generation]:
+    """Submit a batch of prompts at once (K prompts cost one time-to-first-token, not K); when any fails,
+    the others are closed and the first failure is raised."""
+    results = await asyncio.gather(
+        *(start_generation(engine, metrics, ids, params, rid, timeout_s) for ids, rid in zip(prompts, request_ids)),
+        return_exceptions=True,
+    )
+    failures = [r for r in results if isinstance(r, BaseException)]
+    if failures:
+        for r in results:
+            if isinstance(r, Generation):
+                await r.close()
+        raise failures[0]
+    return list(results)  # type: ignore[arg-type]
 
 
 async def until_disconnect(request: Request, work: Awaitable[T]) -> T:

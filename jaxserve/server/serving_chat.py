@@ -12,7 +12,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.requests import Request
 
 from jaxserve.sampling.params import Constraint
-from jaxserve.server.errors import APIError, bad_request
+from jaxserve.server.errors import bad_request
 from jaxserve.server.generation import Generation, start_generation, until_disconnect
 from jaxserve.server.logprobs import TokenTexts, chat_logprobs
 from jaxserve.server.protocol import ChatCompletionRequest, ChatMessage, NamedToolChoice, new_id, now
@@ -25,7 +25,7 @@ from jaxserve.server.request_params import (
     tool_call_constraint,
 )
 from jaxserve.server.state import ServerState
-from jaxserve.server.streaming import SSE_DONE, sse_event, sse_response
+from jaxserve.server.streaming import SSE_DONE, sse_event, sse_response, stream_failure
 from jaxserve.server.tool_parser import (
     ParsedToolCall,
     StreamingToolParser,
@@ -200,6 +200,7 @@ class ChatService:
     async def handle(self, raw: bytes, http_request: Request) -> Response:
         req = parse_body(ChatCompletionRequest, raw)
         engine = self.state.require_engine()
+        self.state.admit()
         model = self.state.resolve_model(req.model)
         mode, constraint = tool_mode_and_constraint(req)
         if req.continue_final_message and req.messages[-1].role != "assistant":
@@ -215,11 +216,13 @@ class ChatService:
                 code="context_length_exceeded",
             )
         prompt_ids = await self._render(engine, req)
-        check_context(len(prompt_ids), params.max_tokens, engine.max_model_len)
-        self.state.admit()
+        max_param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
+        check_context(len(prompt_ids), params.max_tokens, engine.max_model_len, min_tokens=params.min_tokens,
+                      max_tokens_param=max_param)
         request_id = new_id("chatcmpl")
         texts = TokenTexts(engine.tokenizer, await self.state.token_bytes() if req.logprobs else None)
-        gen = await start_generation(engine, self.state.metrics, prompt_ids, params, request_id)
+        gen = await start_generation(engine, self.state.metrics, prompt_ids, params, request_id,
+                                     self.state.config.request_timeout_s)
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             return sse_response(self._stream(gen, req, mode, model, texts, include_usage))
@@ -374,12 +377,7 @@ class ChatService:
                 }
                 yield chunk([], usage)
             yield SSE_DONE
-        except APIError as exc:
-            yield sse_event(exc.body())
-            yield SSE_DONE
         except Exception as exc:  # headers are sent: the error can only travel in the stream
-            logger.exception("generation %s failed mid-stream", gen.request_id)
-            yield sse_event(APIError(500, f"generation failed: {type(exc).__name__}", type="server_error").body())
-            yield SSE_DONE
+            yield stream_failure(exc, gen.request_id)
         finally:
             await gen.close()

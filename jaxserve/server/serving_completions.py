@@ -9,8 +9,8 @@ from typing import TYPE_CHECKING, Any, AsyncIterator
 from fastapi.responses import JSONResponse, Response
 from starlette.requests import Request
 
-from jaxserve.server.errors import APIError, bad_request
-from jaxserve.server.generation import Generation, merge_generations, start_generation, until_disconnect
+from jaxserve.server.errors import bad_request
+from jaxserve.server.generation import Generation, merge_generations, start_generations, until_disconnect
 from jaxserve.server.logprobs import TokenTexts, completion_logprobs, merge_completion_logprobs
 from jaxserve.server.protocol import CompletionRequest, new_id, now
 from jaxserve.server.request_params import (
@@ -20,7 +20,7 @@ from jaxserve.server.request_params import (
     parse_body,
 )
 from jaxserve.server.state import ServerState
-from jaxserve.server.streaming import SSE_DONE, sse_event, sse_response
+from jaxserve.server.streaming import SSE_DONE, sse_event, sse_response, stream_failure
 
 if TYPE_CHECKING:
     from jaxserve.engine.engine import AsyncEngine
@@ -57,6 +57,7 @@ class CompletionService:
     async def handle(self, raw: bytes, http_request: Request) -> Response:
         req = parse_body(CompletionRequest, raw)
         engine = self.state.require_engine()
+        self.state.admit()
         model = self.state.resolve_model(req.model)
         params = completion_sampling_params(req, engine.tokenizer.vocab_size)
         prompts = _prompt_list(req.prompt)
@@ -64,17 +65,11 @@ class CompletionService:
             raise bad_request(f"at most {MAX_PROMPTS_PER_REQUEST} prompts per request", param="prompt")
         tokenized = [await self._tokenize(engine, p) for p in prompts]
         for ids in tokenized:
-            check_context(len(ids), params.max_tokens, engine.max_model_len)
+            check_context(len(ids), params.max_tokens, engine.max_model_len, min_tokens=params.min_tokens)
         request_id = new_id("cmpl")
-        gens: list[Generation] = []
-        try:
-            for k, ids in enumerate(tokenized):
-                self.state.admit()
-                gens.append(await start_generation(engine, self.state.metrics, ids, params, f"{request_id}-{k}"))
-        except BaseException:
-            for g in gens:
-                await g.close()
-            raise
+        gens = await start_generations(engine, self.state.metrics, tokenized, params,
+                                       [f"{request_id}-{k}" for k in range(len(tokenized))],
+                                       self.state.config.request_timeout_s)
         echoes = [self._echo_text(engine, p) if req.echo else "" for p in prompts]
         texts = TokenTexts(engine.tokenizer)
         if req.stream:
@@ -199,13 +194,8 @@ class CompletionService:
                 o = sum(y for _, y in usage)
                 yield chunk([], {"prompt_tokens": p, "completion_tokens": o, "total_tokens": p + o})
             yield SSE_DONE
-        except APIError as exc:
-            yield sse_event(exc.body())
-            yield SSE_DONE
         except Exception as exc:  # headers are sent: the error can only travel in the stream
-            logger.exception("completion %s failed mid-stream", request_id)
-            yield sse_event(APIError(500, f"generation failed: {type(exc).__name__}", type="server_error").body())
-            yield SSE_DONE
+            yield stream_failure(exc, request_id)
         finally:
             for g in gens:
                 await g.close()

@@ -8,8 +8,8 @@ from typing import TYPE_CHECKING, Any, AsyncIterator
 from fastapi.responses import JSONResponse, Response
 from starlette.requests import Request
 
-from jaxserve.server.errors import APIError, bad_request
-from jaxserve.server.generation import Generation, merge_generations, start_generation, until_disconnect
+from jaxserve.server.errors import bad_request
+from jaxserve.server.generation import Generation, merge_generations, start_generations, until_disconnect
 from jaxserve.server.protocol import DetokenizeRequest, GenerateRequest, TokenizeRequest, new_id
 from jaxserve.server.request_params import (
     check_context,
@@ -20,7 +20,7 @@ from jaxserve.server.request_params import (
 from jaxserve.server.serving_chat import template_messages
 from jaxserve.server.serving_completions import MAX_PROMPTS_PER_REQUEST
 from jaxserve.server.state import ServerState
-from jaxserve.server.streaming import SSE_DONE, sse_event, sse_response
+from jaxserve.server.streaming import SSE_DONE, sse_event, sse_response, stream_failure
 
 if TYPE_CHECKING:
     from jaxserve.engine.engine import AsyncEngine
@@ -66,6 +66,7 @@ class NativeService:
     async def generate(self, raw: bytes, http_request: Request) -> Response:
         req = parse_body(GenerateRequest, raw)
         engine = self.state.require_engine()
+        self.state.admit()
         if (req.text is None) == (req.input_ids is None):
             raise bad_request("give exactly one of text or input_ids", param="text")
         logprobs = req.top_logprobs_num if req.return_logprob else None
@@ -81,19 +82,14 @@ class NativeService:
             else:
                 ids = list(prompt)
                 _check_ids(ids, engine.tokenizer.vocab_size, "input_ids")
-            check_context(len(ids), params.max_tokens, engine.max_model_len)
+            check_context(len(ids), params.max_tokens, engine.max_model_len, min_tokens=params.min_tokens,
+                          max_tokens_param="sampling_params.max_new_tokens",
+                          min_tokens_param="sampling_params.min_new_tokens")
             token_lists.append(ids)
         rid = req.rid or new_id("gen")
-        gens: list[Generation] = []
-        try:
-            for k, ids in enumerate(token_lists):
-                self.state.admit()
-                gen_id = f"{rid}-{k}" if batched else rid
-                gens.append(await start_generation(engine, self.state.metrics, ids, params, gen_id))
-        except BaseException:
-            for g in gens:
-                await g.close()
-            raise
+        gen_ids = [f"{rid}-{k}" if batched else rid for k in range(len(token_lists))]
+        gens = await start_generations(engine, self.state.metrics, token_lists, params, gen_ids,
+                                       self.state.config.request_timeout_s)
         choices = [[_NativeChoice() for _ in range(params.n)] for _ in gens]
         if req.stream:
             return sse_response(self._stream(gens, choices, req.return_logprob))
@@ -160,9 +156,7 @@ class NativeService:
                     yield sse_event(body)
             yield SSE_DONE
         except Exception as exc:  # headers are sent: the error can only travel in the stream
-            logger.exception("generation %s failed mid-stream", gens[0].request_id)
-            yield sse_event(APIError(500, f"generation failed: {type(exc).__name__}", type="server_error").body())
-            yield SSE_DONE
+            yield stream_failure(exc, gens[0].request_id)
         finally:
             for g in gens:
                 await g.close()

@@ -65,8 +65,26 @@ class ServerState:
         return name
 
     def admit(self) -> None:
-        """503 when the waiting queue is already full: shed load instead of queueing without bound."""
+        """503 (with Retry-After) when the engine takes no new request now: its queue of admitted requests
+        that are not yet running is full, it is shutting down, or it is dead. Cheap: checked before any
+        tokenization or constraint compilation; the engine checks again when the request is submitted."""
         engine = self.require_engine()
-        limit = self.config.engine.max_queued_requests
-        if engine.stats().num_waiting >= limit:
-            raise server_busy(f"the server is overloaded: {limit} requests are already waiting; retry later")
+        try:
+            engine.check_admission()
+        except Exception as exc:
+            from jaxserve.server.generation import engine_error
+
+            err = engine_error(exc)
+            if err is None:
+                raise
+            raise err from None
+
+    def health(self) -> str | None:
+        """Why the server cannot serve right now (None: it can)."""
+        if self.engine is None:
+            return f"the engine failed to start: {self.startup_error}" if self.startup_error else "starting"
+        if self.engine.dead_reason is not None:
+            return f"the engine is dead: {self.engine.dead_reason}"
+        if self.engine.draining:
+            return "shutting down"
+        return None

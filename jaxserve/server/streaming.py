@@ -2,9 +2,14 @@
 from __future__ import annotations
 
 import json
+import logging
 from typing import Any, AsyncIterator
 
 from fastapi.responses import StreamingResponse
+
+from jaxserve.server.errors import APIError
+
+logger = logging.getLogger(__name__)
 
 SSE_DONE = b"data: [DONE]\n\n"
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -17,6 +22,15 @@ def sse_event(payload: dict[str, Any]) -> bytes:
 
 def sse_response(events: AsyncIterator[bytes]) -> StreamingResponse:
     return StreamingResponse(events, media_type="text/event-stream", headers=SSE_HEADERS)
+
+
+def stream_failure(exc: Exception, request_id: str) -> bytes:
+    """The end of a stream that failed after its headers were sent: the error envelope as a last event,
+    then [DONE]. An APIError (engine error, timeout) carries its own message; anything else is a bug."""
+    if not isinstance(exc, APIError):
+        logger.exception("generation %s failed mid-stream", request_id)
+        exc = APIError(500, f"generation failed: {type(exc).__name__}", type="server_error")
+    return sse_event(exc.body()) + SSE_DONE
 
 
 def parse_sse(body: str) -> list[str]:
