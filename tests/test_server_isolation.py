@@ -85,6 +85,9 @@ def test_an_engine_failure_is_a_500_for_that_client_only(engine):
     texts = ["".join(c["choices"][0]["delta"].get("content") or "" for c in map(json.loads, parse_sse(r.text)[:-1])
                      if c["choices"]) for r in (expected[1], good_stream)]
     assert texts[0] == texts[1]
+    (metrics,) = call(app, ("GET", "/metrics", None))
+    failed = [line for line in metrics.text.splitlines() if line.startswith("jaxserve_failed_requests_total ")]
+    assert failed and float(failed[0].split()[1]) >= 1
 
 
 def test_a_stream_failing_midway_ends_with_an_error_event(engine):

@@ -6,6 +6,7 @@ hands each request an async iterator of `RequestOutput`s; `LLM` is the offline b
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import logging
 import math
@@ -67,6 +68,11 @@ class EngineStats:
     # Constrained requests whose grammar did not fit the device transition tables: their rows advance on
     # the host, so steps run synchronously while they run (slower decode, same output).
     num_constrained_host_advance_total: int = 0
+    num_failed_requests_total: int = 0  # requests the engine ended with an error (the others went on)
+    num_queued: int = 0  # admitted but not producing output yet (compiling, inbox, waiting); AsyncEngine only
+    num_constraint_cache_hits_total: int = 0
+    num_constraint_compiles_total: int = 0
+    num_constraints_too_complex_total: int = 0
 
 
 def resolve_dtype(dtype: str, platform: str) -> str:
@@ -148,6 +154,7 @@ class LLMEngine:
         self.num_generated_tokens_total = 0
         self.num_preemptions_total = 0
         self.num_constrained_host_advance_total = 0
+        self.num_failed_requests_total = 0
         self.num_prefill_tokens_computed = 0  # prompt tokens actually run through the model
         self.warmup_seconds: float | None = None
         # Compiles constraints on its own bounded pool, under time and memory budgets, with a byte-bounded
@@ -280,6 +287,7 @@ class LLMEngine:
             raise EngineBusy(str(e)) from None
 
     def stats(self) -> EngineStats:
+        compiles = self.constraints.stats()
         return EngineStats(
             num_running=len(self.scheduler.running), num_waiting=len(self.scheduler.waiting),
             kv_pages_used=self.allocator.num_used, kv_pages_total=self.allocator.num_usable,
@@ -287,6 +295,9 @@ class LLMEngine:
             num_generated_tokens_total=self.num_generated_tokens_total,
             num_preemptions_total=self.num_preemptions_total,
             num_constrained_host_advance_total=self.num_constrained_host_advance_total,
+            num_failed_requests_total=self.num_failed_requests_total,
+            num_constraint_cache_hits_total=compiles.hits, num_constraint_compiles_total=compiles.misses,
+            num_constraints_too_complex_total=compiles.too_complex,
         )
 
     def warmup(self, progress=None) -> float:
@@ -421,6 +432,7 @@ class LLMEngine:
         for s in seqs:
             if not s.is_finished:
                 self._finish(s, "error")
+        self.num_failed_requests_total += 1
         message = f"the request failed in the engine while {during}: {type(error).__name__}: {error}"
         self._failed.append(RequestOutput(request_id, [], len(seqs[0].prompt_ids),
                                           sum(len(s.output_ids) for s in seqs), True, error=message))
@@ -568,7 +580,7 @@ class AsyncEngine:
         return self.engine.model_name
 
     def stats(self) -> EngineStats:
-        return self.engine.stats()
+        return dataclasses.replace(self.engine.stats(), num_queued=len(self._not_started))
 
     @property
     def num_queued(self) -> int:

@@ -26,6 +26,9 @@ class _EngineGauges(Collector):
             "jaxserve_num_requests_waiting": ("Requests waiting to be scheduled", "num_waiting"),
             "jaxserve_kv_pages_used": ("KV cache pages in use", "kv_pages_used"),
             "jaxserve_kv_pages_total": ("KV cache pages in the pool", "kv_pages_total"),
+            "jaxserve_num_requests_queued": (
+                "Requests admitted but not yet producing output (compiling a constraint, queued, prefilling)",
+                "num_queued"),
         }
         for name, (doc, attr) in gauges.items():
             family = GaugeMetricFamily(name, doc)
@@ -41,6 +44,20 @@ class _EngineGauges(Collector):
         if stats is not None:
             counter.add_metric([], float(getattr(stats, "num_constrained_host_advance_total", 0)))
         yield counter
+        counters = {
+            "jaxserve_failed_requests": ("Requests the engine ended with an error (the others went on)",
+                                         "num_failed_requests_total"),
+            "jaxserve_constraint_cache_hits": ("Constraints answered from the compiled-grammar cache",
+                                               "num_constraint_cache_hits_total"),
+            "jaxserve_constraint_compiles": ("Constraint compiles started", "num_constraint_compiles_total"),
+            "jaxserve_constraints_too_complex": ("Constraints refused by the compile budget (HTTP 400)",
+                                                 "num_constraints_too_complex_total"),
+        }
+        for name, (doc, attr) in counters.items():
+            family = CounterMetricFamily(name, doc)
+            if stats is not None:
+                family.add_metric([], float(getattr(stats, attr, 0)))
+            yield family
 
     def describe(self) -> Iterator[GaugeMetricFamily]:
         return iter(())
