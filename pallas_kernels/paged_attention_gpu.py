@@ -45,11 +45,30 @@ _MAX_KV_SPLITS = 16
 class GpuKernelConfig:
     """Tuning knobs (static); the defaults suit Llama-class head_dim 128 in bf16."""
 
-    keys_per_block: int = 128  # K/V positions loaded per loop step (a whole number of pages)
+    # K/V positions loaded per loop step (a whole number of pages). None: 128, halved until the pipelined K/V
+    # tiles fit `SHARED_MEMORY_BUDGET`; an explicit value is used as given (the compiler rejects one over the
+    # chip's shared memory per block).
+    keys_per_block: int | None = None
     target_rows: int = 64  # query rows per tile for prefill/extend
     num_warps: int = 4
     num_stages: int = 2
     num_kv_splits: int | None = None  # None: choose from the grid size (decode only)
+
+
+# Shared memory for the K and V tiles of all pipeline stages: below the opt-in limit per block of A100
+# (163 KiB), H100 and H200 (227 KiB), leaving room for Triton's own scratch.
+SHARED_MEMORY_BUDGET = 128 * 1024
+DEFAULT_KEYS_PER_BLOCK = 128
+
+
+def keys_per_block_for(config: GpuKernelConfig, head_dim: int, itemsize: int) -> int:
+    """The K/V positions per loop step: the explicit value, or the default within `SHARED_MEMORY_BUDGET`."""
+    if config.keys_per_block is not None:
+        return config.keys_per_block
+    keys = DEFAULT_KEYS_PER_BLOCK
+    while keys > 16 and 2 * config.num_stages * keys * head_dim * itemsize > SHARED_MEMORY_BUDGET:
+        keys //= 2
+    return keys
 
 
 def _is_power_of_two(n: int) -> bool:
@@ -212,7 +231,8 @@ def paged_attention_gpu(
     pages_per_row = page_table.shape[1]
     # Triton's dot needs every tile dimension >= 16, so a block holds at least 16 keys.
     min_pages = max(1, 16 // page_size)
-    pages_per_block = max(min_pages, min(config.keys_per_block // page_size, _next_pow2(pages_per_row)))
+    keys_wanted = keys_per_block_for(config, head_dim, jnp.dtype(k_cache.dtype).itemsize)
+    pages_per_block = max(min_pages, min(keys_wanted // page_size, _next_pow2(pages_per_row)))
     kv_blocks = -(-pages_per_row // pages_per_block)
     # Pad the table with the null page so the last block's gather stays in bounds.
     page_table = jnp.pad(page_table.astype(jnp.int32), ((0, 0), (0, kv_blocks * pages_per_block - pages_per_row)))
@@ -265,6 +285,13 @@ def paged_attention_gpu(
         interpret=interpret,
         name=f"jaxserve_paged_attention_rows{rows}_pages{pages_per_block}_splits{splits}",
         input_output_aliases={7: 0} if poison_output else {},
+        cost_estimate=pl.CostEstimate(  # every page-table slot visible: the compiled program's upper bound
+            flops=int(4 * batch * num_kv_heads * blocking.num_q_blocks * rows * page_table.shape[1] * page_size * head_dim),
+            transcendentals=int(batch * num_kv_heads * blocking.num_q_blocks * rows * page_table.shape[1] * page_size),
+            bytes_accessed=int(2 * packed_q.size * packed_q.dtype.itemsize + 2 * batch * num_kv_heads
+                               * blocking.num_q_blocks * page_table.shape[1] * page_size * head_dim
+                               * jnp.dtype(k_cache.dtype).itemsize),
+        ),
     )(
         jnp.reshape(jnp.asarray(layer, jnp.int32), (1,)),
         seq_lens.astype(jnp.int32),
@@ -286,4 +313,4 @@ def _next_pow2(n: int) -> int:
     return 1 << max(0, n - 1).bit_length()
 
 
-__all__ = ["GpuKernelConfig", "gpu_support", "paged_attention_gpu"]
+__all__ = ["GpuKernelConfig", "gpu_support", "keys_per_block_for", "paged_attention_gpu"]
