@@ -1,0 +1,558 @@
+"""Compile the engine's programs ahead of time for a named TPU or GPU target, without the chip.
+
+`python -m jaxserve.aot --model-config llama-3.1-8b --target v6e-1` builds every jitted program the
+engine runs (the forward of each decode and prefill bucket, the sampler with the grammar tables of each
+row bucket, the KV page copy and the penalty-slot fork) from a model config and abstract weights
+(`jax.ShapeDtypeStruct` trees: no weight file, no device array), compiles each one for the target with the
+target's own compiler (libtpu for TPU topologies, the CUDA plugin + ptxas for H100/H200), and prints per
+program the compile time, the HBM it needs (arguments, outputs, temporaries) and XLA's flops and bytes;
+then the KV tokens that fit and a roofline estimate of decode throughput. The last line is JSON.
+
+Nothing here runs on a device: with JAX_PLATFORMS=cpu the host backend stays the CPU and the target's
+devices come from `jax.experimental.topologies` (compile-only devices). What needs installing:
+`pip install -e ".[test]"` brings libtpu and the CUDA plugin with ptxas (tests/test_aot.py).
+
+Tensor parallelism is not implemented yet: a multi-chip target (v5e-4, v6e-8) compiles the single-chip
+programs on one chip of its topology, and the report says whether the model needs TP to fit.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any, Callable
+
+GiB = 1024**3
+CONFIG_DIR = Path(__file__).parent / "models" / "configs"
+
+
+# -- chips and targets ---------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Chip:
+    """Per-chip figures used for the memory check and the roofline (published vendor figures)."""
+
+    name: str
+    platform: str  # "tpu" | "gpu"
+    hbm_bytes: int  # memory of one chip (what a device reports as its total)
+    hbm_bandwidth: float  # bytes/s
+    peak_bf16_flops: float  # dense bf16 FLOP/s
+    vmem_bytes: int = 0  # TPU: VMEM per core; GPU: 0
+    shared_memory_per_block: int = 0  # GPU: opt-in shared memory per block (bytes)
+
+    def describe(self) -> str:
+        return (f"{self.name}: {self.hbm_bandwidth / 1e9:,.0f} GB/s, {self.peak_bf16_flops / 1e12:,.0f} TFLOP/s bf16, "
+                f"{self.hbm_bytes / GiB:.1f} GiB")
+
+
+CHIPS: dict[str, Chip] = {
+    # TPU figures: cloud.google.com/tpu/docs (v5e, v6e system architecture); VMEM is 128 MiB on both.
+    "v5e": Chip("TPU v5e", "tpu", 16 * GiB, 819e9, 197e12, vmem_bytes=128 * 1024**2),
+    "v6e": Chip("TPU v6e", "tpu", 32 * GiB, 1640e9, 918e12, vmem_bytes=128 * 1024**2),
+    # GPU figures: NVIDIA H100 SXM / H200 datasheets (dense bf16); memory is what the device reports.
+    "h100": Chip("NVIDIA H100 SXM 80GB", "gpu", 84_942_979_072, 3.35e12, 989e12, shared_memory_per_block=232_448),
+    "h200": Chip("NVIDIA H200 141GB", "gpu", 151_397_597_184, 4.8e12, 989e12, shared_memory_per_block=232_448),
+}
+
+# Named targets: chip generation and the topology jax.experimental.topologies takes.
+_TPU_TOPOLOGIES = {1: "1x1", 4: "2x2", 8: "2x4", 16: "4x4"}
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str
+    chip: Chip
+    topology: str  # TPU: "v6e:2x4"; GPU: "1x1x1"
+    num_chips: int
+
+    @property
+    def platform(self) -> str:
+        return self.chip.platform
+
+
+def parse_target(name: str) -> Target:
+    """`v5e-1`, `v5e-4`, `v6e-1`, `v6e-8` (any `<v5e|v6e>-<1|4|8|16>`), a raw TPU topology such as `v6e:4x4`,
+    or `h100` / `h200`."""
+    key = name.lower()
+    if key in ("h100", "h200"):
+        return Target(key, CHIPS[key], "1x1x1", 1)
+    if ":" in key:
+        gen, shape = key.split(":", 1)
+        if gen in CHIPS and CHIPS[gen].platform == "tpu":
+            return Target(key, CHIPS[gen], key, math.prod(int(x) for x in shape.split("x")))
+    if "-" in key:
+        gen, count = key.split("-", 1)
+        if gen in CHIPS and CHIPS[gen].platform == "tpu" and count.isdigit() and int(count) in _TPU_TOPOLOGIES:
+            return Target(key, CHIPS[gen], f"{gen}:{_TPU_TOPOLOGIES[int(count)]}", int(count))
+    raise ValueError(f"unknown target {name!r}: use v5e-1, v5e-4, v6e-1, v6e-8 (or <v5e|v6e>:<AxB>), h100, h200")
+
+
+def gpu_target_config(chip: Chip) -> str:
+    """An XLA GpuTargetConfig (text proto) for a Hopper chip: what the CUDA compiler needs to know about the
+    device it compiles for (the same fields as openxla/xla's target_config/specs, written from the
+    datasheet figures above)."""
+    return f"""gpu_device_info {{
+  threads_per_block_limit: 1024
+  threads_per_warp: 32
+  shared_memory_per_block: 49152
+  shared_memory_per_core: 233472
+  threads_per_core_limit: 2048
+  core_count: 132
+  fpus_per_core: 128
+  block_dim_limit_x: 2147483647
+  block_dim_limit_y: 65535
+  block_dim_limit_z: 65535
+  memory_bandwidth: {int(chip.hbm_bandwidth)}
+  l2_cache_size: 52428800
+  clock_rate_ghz: 1.98
+  device_memory_size: {chip.hbm_bytes}
+  shared_memory_per_block_optin: {chip.shared_memory_per_block}
+  cuda_compute_capability {{ major: 9 minor: 0 }}
+  registers_per_core_limit: 65536
+  registers_per_block_limit: 65536
+}}
+platform_name: "CUDA"
+dnn_version_info {{ major: 9 minor: 10 patch: 0 }}
+device_description_str: "{chip.name}"
+"""
+
+
+def target_devices(target: Target) -> list:
+    """Compile-only devices of the target (no chip needed)."""
+    from jax.experimental import topologies
+
+    if target.platform == "tpu":
+        kwargs = {"chips_per_host_bounds": (1, 1, 1)} if target.num_chips == 1 else {}
+        return list(topologies.get_topology_desc(target.topology, platform="tpu", **kwargs).devices)
+    return list(topologies.get_topology_desc("", "cuda", target_config=gpu_target_config(target.chip),
+                                             topology=target.topology).devices)
+
+
+# -- model configs -------------------------------------------------------------------------------------
+def available_model_configs() -> list[str]:
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.json"))
+
+
+def load_model_config(name_or_path: str):
+    """A bundled name (`llama-3.1-8b`, see `available_model_configs`), an HF config.json, or a directory."""
+    from jaxserve.config import ModelConfig
+
+    path = Path(name_or_path)
+    if path.is_dir():
+        path = path / "config.json"
+    if not path.exists():
+        path = CONFIG_DIR / f"{name_or_path.lower()}.json"
+    if not path.exists():
+        raise ValueError(f"no model config {name_or_path!r}; bundled: {', '.join(available_model_configs())}")
+    return ModelConfig.from_hf_config(json.loads(path.read_text()))
+
+
+# -- KV pool sizing (SGLang's --mem-fraction-static meaning) ------------------------------------------
+def kv_cache_pages(total_memory: int, weight_bytes: int, kv_memory_fraction: float, bytes_per_page: int,
+                   max_pages: int | None = None) -> int:
+    """Pages of the KV pool when `kv_memory_fraction` of the device's total memory holds weights + KV cache
+    (SGLang's meaning; the rest is left to activations, the sampler's state and the grammar tables).
+    Includes the null page; 0 when the weights alone exceed the share."""
+    budget = int(total_memory * kv_memory_fraction) - weight_bytes
+    pages = max(0, budget // bytes_per_page)
+    if max_pages is not None:
+        pages = min(pages, max_pages)
+    return pages
+
+
+# -- the engine's programs, abstractly -----------------------------------------------------------------
+@dataclass
+class Program:
+    name: str
+    kind: str  # forward-decode | forward-prefill | sampler | copy-pages | fork-slots
+    fn: Any  # the jitted function
+    args: tuple  # abstract arguments (static ones as Python values)
+    shape: tuple = ()  # (rows, tokens, pages) of forward programs, (rows,) of the sampler
+
+
+@dataclass
+class EngineShape:
+    """What the engine would run with on the target: its config, buckets and pool size."""
+
+    engine_config: Any
+    max_model_len: int
+    num_pages: int
+    buckets: Any
+    dtype: str
+    weight_bytes: int
+    bytes_per_page: int
+    state_bytes: int  # penalty state, grammar tables, last tokens (resident besides weights and KV)
+
+
+def _sds(x, sharding=None):
+    import jax
+    import numpy as np
+
+    return jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=sharding)
+
+
+def abstract_params(cfg, dtype: str, sharding=None):
+    """ShapeDtypeStructs of the runner's parameter tree (stacked layers, fused projections)."""
+    import jax
+    import jax.numpy as jnp
+
+    from jaxserve.models.contiguous import ContiguousCacheOps, ContiguousMeta
+    from jaxserve.models.llama import LlamaModel, dtype_of
+
+    model = LlamaModel(cfg, dtype_of(dtype), ContiguousCacheOps(cfg.head_dim**-0.5), scan_layers=True,
+                       fused_projections=True)
+    ids = jnp.zeros((1, 1), jnp.int32)
+    cache_shape = (cfg.num_layers, 1, 1, cfg.num_kv_heads, cfg.head_dim)
+    cache = (jnp.zeros(cache_shape, dtype_of(dtype)), jnp.zeros(cache_shape, dtype_of(dtype)))
+    meta = ContiguousMeta(jnp.zeros(1, jnp.int32), jnp.ones(1, jnp.int32))
+    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), ids, ids, cache, meta))["params"]
+    return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), shapes)
+
+
+def tree_bytes(tree) -> int:
+    import jax
+    import numpy as np
+
+    return sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
+
+
+def engine_shape(cfg, chip: Chip, *, kv_memory_fraction: float, dtype: str = "bfloat16", max_model_len: int | None = None,
+                 max_running_requests: int | None = None, max_num_batched_tokens: int | None = None,
+                 page_size: int = 16, num_pages: int | None = None) -> EngineShape:
+    """The engine's shape on `chip`, as the engine derives it (accelerator defaults, the runner's buckets) with
+    the KV pool sized by `kv_cache_pages`."""
+    from jaxserve.config import EngineConfig
+    from jaxserve.engine.kv_cache import kv_bytes_per_page
+    from jaxserve.engine.runner import Buckets
+
+    ecfg = EngineConfig(max_model_len=max_model_len, max_running_requests=max_running_requests,
+                        max_num_batched_tokens=max_num_batched_tokens, page_size=page_size, num_pages=num_pages,
+                        kv_memory_fraction=min(kv_memory_fraction, 0.95), attention_backend="pallas",
+                        layer_loop="scan").with_platform_defaults(chip.platform)
+    mml = min(ecfg.max_model_len, cfg.max_position_embeddings)
+    max_pages_per_row = math.ceil(mml / page_size)
+    per_page = kv_bytes_per_page(cfg, page_size, 4 if dtype == "float32" else 2)
+    weight_bytes = tree_bytes(abstract_params(cfg, dtype))
+    full = ecfg.max_running_requests * max_pages_per_row + 1
+    if num_pages is None:
+        num_pages = kv_cache_pages(chip.hbm_bytes, weight_bytes, kv_memory_fraction, per_page, max_pages=full)
+    max_chunk = min(ecfg.max_num_batched_tokens, mml)
+    buckets = Buckets.make(ecfg.max_running_requests, max_pages_per_row, ecfg.max_num_batched_tokens, max_chunk,
+                           short_prefill_width=False)
+    R, V = ecfg.max_running_requests, cfg.vocab_size
+    rows = -(-ecfg.grammar_capacity_states // 16) * 16
+    state = R * V * 5 + 8 * R + rows * (-(-V // 32) * 4 + 5 * 4) + max(ecfg.grammar_class_map_slots, 1) * V * 4 \
+        + max(ecfg.grammar_next_capacity // 1024 * 1024, 1) * 4
+    return EngineShape(ecfg, mml, num_pages, buckets, dtype, weight_bytes, per_page, state)
+
+
+def engine_programs(cfg, shape: EngineShape, platform: str, sharding=None, *,
+                    attend: Callable | None = None) -> list[Program]:
+    """Every jitted program the engine compiles at start-up, with abstract arguments, built from the runner's
+    own module-level step functions and Buckets (what `ModelRunner.warmup` compiles, plus the fork programs).
+    `platform`: "tpu" | "gpu" picks the Pallas kernel the engine's `auto` backend would; `attend` overrides the
+    attention function (tests: a deliberately broken kernel configuration)."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from jaxserve.constrained.tables import META_COLUMNS, GrammarTables
+    from jaxserve.engine.attention import PagedCacheOps
+    from jaxserve.engine.kv_cache import PagedKVCache
+    from jaxserve.engine.runner import ModelRunner, _copy_pages, _first_at_least, _fork_slots, _forward_step, _sample_step
+    from jaxserve.models.forward import make_forward
+    from jaxserve.sampling.batch import build_sampling_batch
+    from jaxserve.sampling.penalties import PenaltyState
+    from pallas_kernels.paged_attention import paged_attention
+
+    ecfg, b = shape.engine_config, shape.buckets
+    S = partial(jax.ShapeDtypeStruct, sharding=sharding)
+    if attend is None:
+        attend = partial(paged_attention, impl="pallas", platform=platform)
+    cache_ops = PagedCacheOps(attend, cfg.head_dim**-0.5, cfg.sliding_window)
+    forward = make_forward(cfg, shape.dtype, cache_ops, scan_layers=True, fused_projections=True)
+    params = abstract_params(cfg, shape.dtype, sharding)
+    kv_dtype = jnp.float32 if shape.dtype == "float32" else jnp.bfloat16
+    cshape = (cfg.num_layers, cfg.num_kv_heads, shape.num_pages, ecfg.page_size, cfg.head_dim)
+    cache = PagedKVCache(S(cshape, kv_dtype), S(cshape, kv_dtype))
+    R, V = ecfg.max_running_requests, cfg.vocab_size
+    penalty = PenaltyState(S((R, V), jnp.int32), S((R, V), jnp.bool_))
+    last_tokens = S((R,), jnp.int32)
+    grammar_state = S((R,), jnp.int32)
+    cap_rows = -(-ecfg.grammar_capacity_states // 16) * 16
+    grammar = GrammarTables(S((cap_rows, -(-V // 32)), jnp.uint32), S((cap_rows, META_COLUMNS), jnp.int32),
+                            S((max(ecfg.grammar_class_map_slots, 1), V), jnp.int32),
+                            S((max(ecfg.grammar_next_capacity // 1024 * 1024, 1),), jnp.int32))
+    end_ids = S((max(len(cfg.eos_token_ids), 1),), jnp.int32)
+    as_abstract = lambda tree: jax.tree.map(lambda x: S(np.shape(x), np.asarray(x).dtype), tree)
+
+    # The runner's own jits (same functions, static and donated arguments as ModelRunner.__init__).
+    fwd = jax.jit(partial(_forward_step, forward), static_argnums=(0,), donate_argnums=(2, 3))
+    sample = jax.jit(_sample_step, donate_argnums=(2, 5, 6))
+    copy_pages = jax.jit(_copy_pages, donate_argnums=(0,))
+    fork_slots = jax.jit(_fork_slots, donate_argnums=(0,))
+
+    def step_inputs(rows: int, tokens: int, pages: int):
+        zeros = np.zeros((rows, tokens), np.int32)
+        sample_rows = _first_at_least(b.sample_rows, rows)
+        inp = ModelRunner._inputs(
+            tokens=zeros, positions=zeros, page_table=np.zeros((rows, pages), np.int32),
+            seq_lens=np.zeros(rows, np.int32), q_start=np.zeros(rows, np.int32), slot_page=zeros,
+            slot_offset=zeros, sampling=build_sampling_batch([], sample_rows))
+        return sample_rows, as_abstract(inp)
+
+    programs: list[Program] = []
+    fwd_shapes = [(r, 1, p, "forward-decode") for r in b.decode_rows for p in b.page_widths]
+    fwd_shapes += [(r, t, w, "forward-prefill") for r, t in b.prefill_shapes for w in b.prefill_widths]
+    for rows, tokens, pages, kind in fwd_shapes:
+        sample_rows, inp = step_inputs(rows, tokens, pages)
+        programs.append(Program(f"{kind.split('-')[1]} r{rows} t{tokens} p{pages}", kind, fwd,
+                                (sample_rows, params, cache, penalty, last_tokens, inp), (rows, tokens, pages)))
+    for rows in b.sample_rows:
+        sampling = as_abstract(build_sampling_batch([], rows))
+        programs.append(Program(f"sampler r{rows}", "sampler", sample,
+                                (S((rows, V), jnp.float32), sampling, penalty, grammar, end_ids, last_tokens,
+                                 grammar_state), (rows,)))
+    idx = S((R,), jnp.int32)
+    programs.append(Program(f"copy_pages w{R}", "copy-pages", copy_pages, (cache, idx, idx)))
+    programs.append(Program(f"fork_slots w{R}", "fork-slots", fork_slots, (penalty, idx, idx)))
+    return programs
+
+
+# -- compiling and reporting ---------------------------------------------------------------------------
+@dataclass
+class Compiled:
+    name: str
+    kind: str
+    shape: tuple
+    compile_s: float
+    argument_bytes: int
+    output_bytes: int
+    alias_bytes: int
+    temp_bytes: int
+    flops: float | None
+    bytes_accessed: float | None
+    error: str | None = None
+
+    @property
+    def hbm_bytes(self) -> int:
+        """Peak HBM the program needs: arguments + outputs - donated aliases + temporaries."""
+        return self.argument_bytes + self.output_bytes - self.alias_bytes + self.temp_bytes
+
+
+def compile_program(p: Program, mesh) -> Compiled:
+    import jax
+
+    t0 = time.perf_counter()
+    try:
+        with jax.set_mesh(mesh):  # Pallas asks the mesh's devices for the chip kind while lowering
+            compiled = p.fn.lower(*p.args).compile()
+    except Exception as e:  # the target's compiler rejected the program: report, never hide
+        return Compiled(p.name, p.kind, p.shape, time.perf_counter() - t0, 0, 0, 0, 0, None, None,
+                        error=f"{type(e).__name__}: {str(e).strip().splitlines()[0][:400] if str(e).strip() else ''}")
+    dt = time.perf_counter() - t0
+    mem = compiled.memory_analysis()
+    cost = compiled.cost_analysis()
+    if isinstance(cost, list):
+        cost = cost[0] if cost else None
+    flops = float(cost["flops"]) if cost and "flops" in cost else None
+    nbytes = float(cost["bytes accessed"]) if cost and "bytes accessed" in cost else None
+    return Compiled(p.name, p.kind, p.shape, dt, int(mem.argument_size_in_bytes), int(mem.output_size_in_bytes),
+                    int(mem.alias_size_in_bytes), int(mem.temp_size_in_bytes), flops, nbytes)
+
+
+def single_device_mesh(device):
+    import jax
+
+    return jax.sharding.Mesh([device], ("tensor",))
+
+
+def replicated(mesh):
+    import jax
+
+    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+
+def analytic_decode_cost(cfg, rows: int, context: int, dtype_bytes: int = 2) -> tuple[float, float]:
+    """(flops, bytes) of one decode step from the model's shapes: every weight read once, each row's KV
+    read over `context` tokens; used where the compiler gives no cost analysis (the CUDA plugin)."""
+    from jaxserve.engine.kv_cache import kv_bytes_per_page
+
+    h, i, L = cfg.hidden_size, cfg.intermediate_size, cfg.num_layers
+    qkv = h * (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim
+    per_layer = qkv + cfg.num_heads * cfg.head_dim * h + 3 * h * i
+    matmul_params = L * per_layer + cfg.vocab_size * h
+    weights = (L * per_layer + cfg.vocab_size * h * (1 if cfg.tie_word_embeddings else 2)) * dtype_bytes
+    kv = rows * context * kv_bytes_per_page(cfg, 1, dtype_bytes)
+    attn_flops = rows * L * cfg.num_heads * context * cfg.head_dim * 4
+    return 2.0 * matmul_params * rows + attn_flops, float(weights + kv)
+
+
+@dataclass
+class Report:
+    model: str
+    target: Target
+    shape: EngineShape
+    results: list[Compiled]
+    roofline: list[dict] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def failures(self) -> list[Compiled]:
+        return [r for r in self.results if r.error]
+
+
+def roofline(cfg, chip: Chip, results: list[Compiled], shape: EngineShape, batches=(1, 64, 256),
+             context: int = 2048) -> list[dict]:
+    """Decode throughput bound at each batch: step time = max(flops / peak, bytes / bandwidth), from the
+    compiled decode forward at (rows, context pages) plus the sampler of that row bucket. Batches above the
+    engine's max_running_requests are marked (they would need a larger engine). Where the compiler gave no
+    cost (the CUDA plugin), the analytic count (weights + KV over the context) stands in, labelled."""
+    from jaxserve.engine.runner import _first_at_least
+
+    b = shape.buckets
+    pages = math.ceil(context / shape.engine_config.page_size)
+    by = {(r.kind, r.shape): r for r in results if not r.error}
+    out = []
+    for batch in batches:
+        entry: dict[str, Any] = {"batch": batch, "context": context}
+        try:
+            rows, width = b.decode_shape(batch, pages)
+        except ValueError:
+            rows, width = None, None
+        fwd = by.get(("forward-decode", (rows, 1, width))) if rows == batch else None
+        smp = by.get(("sampler", (_first_at_least(b.sample_rows, batch),))) if fwd else None
+        if fwd and fwd.flops is not None and fwd.bytes_accessed is not None:
+            flops = fwd.flops + (smp.flops or 0 if smp else 0)
+            nbytes = fwd.bytes_accessed + (smp.bytes_accessed or 0 if smp else 0)
+            entry["source"] = f"compiled decode r{rows} p{width} + sampler"
+        else:
+            flops, nbytes = analytic_decode_cost(cfg, batch, context, 4 if shape.dtype == "float32" else 2)
+            entry["source"] = "analytic (weights + KV)" + ("" if rows == batch else "; batch above the engine's buckets")
+        kv_needed = batch * pages * shape.engine_config.page_size
+        entry["fits_kv_pool"] = kv_needed <= (shape.num_pages - 1) * shape.engine_config.page_size
+        t_compute, t_memory = flops / chip.peak_bf16_flops, nbytes / chip.hbm_bandwidth
+        step = max(t_compute, t_memory)
+        entry.update(flops=flops, bytes=nbytes, step_ms=step * 1e3, bound="compute" if t_compute > t_memory else "memory",
+                     tokens_per_s=batch / step if step > 0 else None)
+        out.append(entry)
+    return out
+
+
+def run_aot(model: str, target_name: str, *, kv_memory_fraction: float = 0.85, kinds: set[str] | None = None,
+            progress: Callable[[Compiled], None] | None = None, programs_filter: Callable[[Program], bool] | None = None,
+            cfg=None, attend: Callable | None = None, **engine_kw) -> Report:
+    """Compile the engine's programs of `model` (a bundled config name or path; or pass `cfg`) for the target."""
+    target = parse_target(target_name)
+    cfg = cfg if cfg is not None else load_model_config(model)
+    shape = engine_shape(cfg, target.chip, kv_memory_fraction=kv_memory_fraction, **engine_kw)
+    report = Report(model, target, shape, [])
+    if target.num_chips > 1:
+        report.notes.append(f"{target.name} has {target.num_chips} chips; tensor parallelism is not implemented yet, so "
+                            "these are the single-chip programs compiled for one chip of the topology")
+    if shape.num_pages < 2:
+        need = shape.weight_bytes / GiB
+        report.notes.append(f"the weights ({need:.2f} GiB) leave no KV cache within {kv_memory_fraction:.2f} of one chip's "
+                            f"{target.chip.hbm_bytes / GiB:.1f} GiB: this model needs tensor parallelism (or a larger "
+                            "--kv-memory-fraction) on this target; nothing compiled")
+        return report
+    devices = target_devices(target)
+    mesh = single_device_mesh(devices[0])
+    programs = engine_programs(cfg, shape, target.platform, replicated(mesh), attend=attend)
+    for p in programs:
+        if kinds is not None and p.kind not in kinds:
+            continue
+        if programs_filter is not None and not programs_filter(p):
+            continue
+        r = compile_program(p, mesh)
+        report.results.append(r)
+        if progress:
+            progress(r)
+    report.roofline = roofline(cfg, target.chip, report.results, shape)
+    return report
+
+
+# -- CLI -----------------------------------------------------------------------------------------------
+def _fmt_bytes(n: float | None) -> str:
+    if n is None:
+        return "-"
+    return f"{n / GiB:.3f} GiB" if n >= 0.1 * GiB else f"{n / 1024**2:.1f} MiB"
+
+
+def _fmt_num(x: float | None) -> str:
+    return "-" if x is None else f"{x:.3g}"
+
+
+def summary(report: Report) -> dict:
+    s, chip = report.shape, report.target.chip
+    ok = [r for r in report.results if not r.error]
+    decode = [r for r in ok if r.kind == "forward-decode"]
+    kv_bytes = (s.num_pages * s.bytes_per_page) if s.num_pages else 0
+    return {
+        "model": report.model, "target": report.target.name, "chip": chip.name, "platform": report.target.platform,
+        "programs": len(report.results), "failed": len(report.failures()),
+        "compile_s_total": round(sum(r.compile_s for r in report.results), 2),
+        "max_program_hbm_bytes": max((r.hbm_bytes for r in ok), default=0),
+        "chip_hbm_bytes": chip.hbm_bytes, "weight_bytes": s.weight_bytes, "kv_cache_bytes": kv_bytes,
+        "kv_pages": s.num_pages, "kv_tokens": max(0, s.num_pages - 1) * s.engine_config.page_size,
+        "max_decode_temp_bytes": max((r.temp_bytes for r in decode), default=0),
+        "kv_memory_fraction": s.engine_config.kv_memory_fraction,
+        "max_model_len": s.max_model_len, "max_running_requests": s.engine_config.max_running_requests,
+        "roofline": [{k: (round(v, 3) if isinstance(v, float) else v) for k, v in e.items()} for e in report.roofline],
+        "notes": report.notes,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m jaxserve.aot", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model-config", default="llama-3.1-8b",
+                    help=f"bundled name ({', '.join(available_model_configs())}), an HF config.json or a model directory")
+    ap.add_argument("--target", default="v6e-1", help="v5e-1, v5e-4, v6e-1, v6e-8, <v5e|v6e>:<AxB>, h100, h200")
+    ap.add_argument("--kv-memory-fraction", type=float, default=0.85,
+                    help="share of the chip's total memory for weights + KV cache (SGLang's --mem-fraction-static)")
+    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    ap.add_argument("--max-model-len", type=int, default=None)
+    ap.add_argument("--max-running-requests", type=int, default=None)
+    ap.add_argument("--max-num-batched-tokens", type=int, default=None)
+    ap.add_argument("--page-size", type=int, default=16)
+    ap.add_argument("--only", default=None, help="comma-separated program kinds: forward-decode, forward-prefill, "
+                                                 "sampler, copy-pages, fork-slots")
+    args = ap.parse_args(argv)
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")  # the host backend; the target's devices are compile-only
+
+    def show(r: Compiled) -> None:
+        if r.error:
+            print(f"{r.name:<28} FAILED after {r.compile_s:.2f}s: {r.error}", flush=True)
+            return
+        print(f"{r.name:<28} {r.compile_s:7.2f} {_fmt_bytes(r.argument_bytes):>12} {_fmt_bytes(r.output_bytes):>12} "
+              f"{_fmt_bytes(r.temp_bytes):>12} {_fmt_num(r.flops):>10} {_fmt_num(r.bytes_accessed):>10}", flush=True)
+
+    target = parse_target(args.target)
+    print(f"target {target.name} ({target.topology}); {target.chip.describe()}")
+    print(f"{'program':<28} {'compile s':>7} {'arguments':>12} {'outputs':>12} {'temps':>12} {'flops':>10} {'bytes':>10}")
+    report = run_aot(args.model_config, args.target, kv_memory_fraction=args.kv_memory_fraction, dtype=args.dtype,
+                     kinds=set(args.only.split(",")) if args.only else None, progress=show,
+                     max_model_len=args.max_model_len, max_running_requests=args.max_running_requests,
+                     max_num_batched_tokens=args.max_num_batched_tokens, page_size=args.page_size)
+    s = summary(report)
+    for note in report.notes:
+        print(f"note: {note}")
+    print(f"weights {_fmt_bytes(s['weight_bytes'])}; KV pool {s['kv_pages']} pages = {s['kv_tokens']:,} tokens "
+          f"({_fmt_bytes(s['kv_cache_bytes'])}) at --kv-memory-fraction {args.kv_memory_fraction} of "
+          f"{_fmt_bytes(target.chip.hbm_bytes)}; largest program {_fmt_bytes(s['max_program_hbm_bytes'])}")
+    for e in report.roofline:
+        tps = e["tokens_per_s"]
+        print(f"decode batch {e['batch']:>3} context {e['context']}: {e['step_ms']:.2f} ms/step, "
+              f"{tps:,.0f} tok/s ({e['bound']}-bound; {e['source']}"
+              f"{'' if e['fits_kv_pool'] else '; KV pool too small for this batch'})")
+    print(json.dumps(s))
+    return 1 if report.failures() else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
