@@ -10,7 +10,7 @@ __all__ = ["LLM", "SamplingParams", "Constraint", "__version__"]
 def __getattr__(name: str) -> Any:
     # Lazy, so `import jaxserve` (e.g. for the CLI's --help) does not pull in JAX.
     if name == "LLM":
-        from jaxserve.engine.engine import LLM
+        from jaxserve.engine.offline import LLM
 
         return LLM
     if name in ("SamplingParams", "Constraint"):

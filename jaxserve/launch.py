@@ -202,7 +202,7 @@ async def serve(config: ServerConfig) -> int:
     server: uvicorn.Server | None = None
 
     async def load_engine():
-        from jaxserve.engine.engine import AsyncEngine
+        from jaxserve.engine.async_engine import AsyncEngine
 
         t0 = time.perf_counter()
         engine = await asyncio.to_thread(AsyncEngine.from_config, config.engine)

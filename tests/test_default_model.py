@@ -7,7 +7,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from jaxserve.engine.engine import LLM
+from jaxserve.engine.offline import LLM
 from jaxserve.models.loader import load_params, resolve_model
 from jaxserve.sampling.params import SamplingParams
 

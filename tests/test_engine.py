@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from jaxserve.engine.attention import PagedCacheOps, PagedMeta
-from jaxserve.engine.engine import AsyncEngine, LLMEngine
+from jaxserve.engine.async_engine import AsyncEngine
+from jaxserve.engine.engine import LLMEngine
 from jaxserve.engine.kv_cache import init_paged_cache
 from jaxserve.models.contiguous import ContiguousCacheOps, ContiguousMeta, init_contiguous_cache
 from jaxserve.models.forward import make_forward

@@ -10,7 +10,8 @@ import time
 
 import pytest
 
-from jaxserve.engine.engine import AsyncEngine, LLMEngine
+from jaxserve.engine.async_engine import AsyncEngine
+from jaxserve.engine.engine import LLMEngine
 from jaxserve.engine.errors import EngineBusy, EngineDead, RequestFailed
 from jaxserve.sampling.params import SamplingParams
 

@@ -14,7 +14,8 @@ import httpx
 import pytest
 
 from jaxserve.config import ServerConfig
-from jaxserve.engine.engine import AsyncEngine, LLMEngine
+from jaxserve.engine.async_engine import AsyncEngine
+from jaxserve.engine.engine import LLMEngine
 from jaxserve.server.app import build_app
 from jaxserve.server.streaming import parse_sse
 

@@ -15,7 +15,8 @@ from jaxserve.server.errors import APIError, ClientDisconnected, bad_request, se
 from jaxserve.server.metrics import RequestTimer, ServerMetrics
 
 if TYPE_CHECKING:
-    from jaxserve.engine.engine import AsyncEngine, RequestOutput
+    from jaxserve.engine.async_engine import AsyncEngine
+    from jaxserve.engine.request import RequestOutput
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")

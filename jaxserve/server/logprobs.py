@@ -5,7 +5,7 @@ import math
 from typing import TYPE_CHECKING, Any, Protocol, Sequence
 
 if TYPE_CHECKING:
-    from jaxserve.engine.engine import TokenLogprob
+    from jaxserve.engine.request import TokenLogprob
 
 # JSON has no -inf; OpenAI-compatible servers report an impossible token with this floor instead.
 LOGPROB_FLOOR = -9999.0

@@ -34,7 +34,7 @@ from jaxserve.server.tool_parser import (
 )
 
 if TYPE_CHECKING:
-    from jaxserve.engine.engine import AsyncEngine
+    from jaxserve.engine.async_engine import AsyncEngine
 
 logger = logging.getLogger(__name__)
 

@@ -23,7 +23,7 @@ from jaxserve.server.state import ServerState
 from jaxserve.server.streaming import SSE_DONE, sse_event, sse_response, stream_failure
 
 if TYPE_CHECKING:
-    from jaxserve.engine.engine import AsyncEngine
+    from jaxserve.engine.async_engine import AsyncEngine
 
 logger = logging.getLogger(__name__)
 

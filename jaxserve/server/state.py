@@ -10,7 +10,7 @@ from jaxserve.server.errors import model_not_found, server_busy
 from jaxserve.server.metrics import ServerMetrics
 
 if TYPE_CHECKING:
-    from jaxserve.engine.engine import AsyncEngine
+    from jaxserve.engine.async_engine import AsyncEngine
 
 
 @dataclass
