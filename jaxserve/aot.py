@@ -128,8 +128,14 @@ def target_devices(target: Target) -> list:
     from jax.experimental import topologies
 
     if target.platform == "tpu":
+        # Compile-only use of libtpu: several processes may do it at once (no chip to guard), and without
+        # a TPU VM's metadata libtpu would warn about every missing variable.
+        os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+        os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
         kwargs = {"chips_per_host_bounds": (1, 1, 1)} if target.num_chips == 1 else {}
         return list(topologies.get_topology_desc(target.topology, platform="tpu", **kwargs).devices)
+    # No GPU here, so no cuDNN/driver to check the plugin against (it only compiles).
+    os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")
     return list(topologies.get_topology_desc("", "cuda", target_config=gpu_target_config(target.chip),
                                              topology=target.topology).devices)
 

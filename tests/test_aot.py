@@ -1,0 +1,167 @@
+"""Deviceless AOT: the engine's real programs compiled for TPU (libtpu) and H100/H200 (CUDA plugin + ptxas).
+
+No chip is needed: `jaxserve.aot` lowers every program the engine compiles at start-up against compile-only
+devices of the target topology and asks the target's compiler for memory and cost analysis. A compact
+engine shape (8 rows, 1,024 tokens of context, a 64-token prefill budget: 19 programs per target, every
+kind the engine has) keeps the whole module under 4 minutes on a 2-core CPU; the KV pool is sized as on
+the chip (0.85 of its memory for weights + KV), so "within the chip's HBM" is the real question.
+"""
+from __future__ import annotations
+
+import importlib.util
+import shutil
+from functools import partial
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+def _has_libtpu() -> bool:
+    return importlib.util.find_spec("libtpu") is not None
+
+
+def _has_cuda_plugin() -> bool:
+    if not any(importlib.util.find_spec(m) for m in ("jax_plugins.xla_cuda13", "jax_plugins.xla_cuda12")):
+        return False
+    nvidia = importlib.util.find_spec("nvidia")
+    roots = list(nvidia.submodule_search_locations or []) if nvidia else []
+    return shutil.which("ptxas") is not None or any(
+        p.name == "ptxas" for root in roots for p in Path(root).glob("**/bin/ptxas"))
+
+
+needs_tpu = pytest.mark.skipif(not _has_libtpu(), reason="libtpu not installed (pip install -e '.[test]' brings it)")
+needs_cuda = pytest.mark.skipif(not _has_cuda_plugin(),
+                                reason="jax CUDA plugin or ptxas not installed (pip install -e '.[test]' brings them)")
+
+COMPACT = dict(max_running_requests=8, max_model_len=1024, max_num_batched_tokens=64)
+HEAD_DIM_64_RELAYOUT = (
+    "known bug, not fixed here: at head_dim 64 XLA:TPU stores the [L, KV, P, 16, 64] caches with the page axis "
+    "minor (avoiding 2x lane padding) while the Mosaic kernel and the scatter need them row-major, so every "
+    "decode step relays out both whole caches (temporaries ~2x the KV pool). The fix is a cache layout whose "
+    "minor dimension is 128 lanes (kv_cache.py + attention.py), outside the kernels")
+
+
+def _check_all_fit(report):
+    from jaxserve.aot import summary
+
+    failed = [f"{r.name}: {r.error}" for r in report.failures()]
+    assert not failed, "\n".join(failed)
+    kinds = {r.kind for r in report.results}
+    assert kinds == {"forward-decode", "forward-prefill", "sampler", "copy-pages", "fork-slots"}
+    hbm = report.target.chip.hbm_bytes
+    for r in report.results:
+        assert 0 < r.hbm_bytes <= hbm, f"{r.name} needs {r.hbm_bytes} bytes of {hbm}"
+    s = summary(report)
+    assert s["kv_tokens"] > 0
+    # Everything resident at once (weights, KV pool, sampler state, grammar tables) plus the largest
+    # program's temporaries fits too.
+    resident = report.shape.weight_bytes + s["kv_cache_bytes"] + report.shape.state_bytes
+    assert resident + max(r.temp_bytes for r in report.results) <= hbm
+    return s
+
+
+SCATTER_RELAYOUT = (
+    "known bug, not fixed here: with 2+ rows the K/V write of attention.py (an XLA scatter into the stacked "
+    "cache) makes XLA:TPU carry the caches through the layer scan in a KV-head-minor layout, and every layer "
+    "copies both whole caches to the row-major layout the Mosaic kernel needs (HLO temporaries = the KV pool "
+    "again: out of HBM at 0.85). One row (a dynamic-update-slice) is copy-free; the fix is a copy-free K/V "
+    "write (a Pallas write kernel aliased in place, or a scatter laid out like the cache) in engine/attention.py")
+
+
+@pytest.mark.parametrize("target", [
+    pytest.param("v6e-1", marks=[needs_tpu, pytest.mark.xfail(strict=True, reason=SCATTER_RELAYOUT)]),
+    pytest.param("h100", marks=needs_cuda),
+    pytest.param("h200", marks=needs_cuda),
+])
+def test_llama_8b_every_program_compiles_within_hbm(target):
+    from jaxserve.aot import run_aot
+
+    report = run_aot("llama-3.1-8b", target, kv_memory_fraction=0.85, **COMPACT)
+    s = _check_all_fit(report)
+    assert len(report.results) == 19
+    # The decode programs do not copy the cache: their temporaries stay far below the KV pool.
+    assert s["max_decode_temp_bytes"] < 0.05 * s["kv_cache_bytes"]
+    if report.target.platform == "tpu":  # libtpu gives costs, the kernel's included (pl.CostEstimate)
+        decode = [r for r in report.results if r.kind == "forward-decode"]
+        assert all(r.flops and r.bytes_accessed for r in decode)
+        assert report.roofline[0]["source"].startswith("compiled")
+
+
+@needs_tpu
+@pytest.mark.xfail(strict=True, reason=HEAD_DIM_64_RELAYOUT)
+def test_smollm2_every_program_compiles_within_hbm_v5e():
+    from jaxserve.aot import run_aot
+
+    _check_all_fit(run_aot("smollm2-135m", "v5e-1", kv_memory_fraction=0.85, **COMPACT))
+
+
+def _decode_temp_ratio(head_dim: int, rows: int, target: str = "v6e-1") -> float:
+    from jaxserve.aot import load_model_config, run_aot
+
+    cfg = load_model_config("llama-3.1-8b").replace(head_dim=head_dim, num_layers=4)
+    report = run_aot("llama-3.1-8b", target, cfg=cfg, kv_memory_fraction=0.85, **COMPACT,
+                     programs_filter=lambda p: p.kind == "forward-decode" and p.shape == (rows, 1, 64))
+    (r,) = report.results
+    kv = report.shape.num_pages * report.shape.bytes_per_page
+    if r.error:  # the target rejected it (e.g. out of HBM because of relayout copies): as bad as it gets
+        pytest.fail(f"decode at head_dim {head_dim} did not compile: {r.error}")
+    return r.temp_bytes / kv
+
+
+@needs_tpu
+@pytest.mark.parametrize("head_dim,rows", [
+    pytest.param(64, 1, marks=pytest.mark.xfail(strict=True, reason=HEAD_DIM_64_RELAYOUT)),
+    (128, 1),
+    (256, 1),
+    pytest.param(128, 8, marks=pytest.mark.xfail(strict=True, reason=SCATTER_RELAYOUT)),
+])
+def test_decode_temporaries_below_5_percent_of_kv_cache(head_dim, rows):
+    assert _decode_temp_ratio(head_dim, rows) < 0.05
+
+
+@needs_tpu
+def test_negative_control_vmem_over_the_limit_is_rejected():
+    """The same AOT path with a deliberately broken kernel configuration (K/V blocks of 32,768 keys: 64 MiB of
+    double-buffered VMEM at head_dim 128) must fail to compile, so the checks above can fail."""
+    from jaxserve.aot import run_aot
+    from pallas_kernels.paged_attention_tpu import TpuKernelConfig, paged_attention_tpu
+
+    broken = partial(paged_attention_tpu, config=TpuKernelConfig(keys_per_block=32768))
+    report = run_aot("llama-3.1-8b", "v6e-1", kv_memory_fraction=0.85, max_running_requests=8,
+                     max_model_len=32768, max_num_batched_tokens=64, attend=broken,
+                     programs_filter=lambda p: p.kind == "forward-decode" and p.shape == (1, 1, 2048))
+    (r,) = report.results
+    assert r.error is not None and "vmem" in r.error.lower(), r.error
+
+
+@needs_cuda
+def test_negative_control_shared_memory_over_the_limit_is_rejected():
+    from jaxserve.aot import run_aot
+    from pallas_kernels.paged_attention_gpu import GpuKernelConfig, paged_attention_gpu
+
+    broken = partial(paged_attention_gpu, config=GpuKernelConfig(keys_per_block=1024, num_stages=4))
+    report = run_aot("llama-3.1-8b", "h100", kv_memory_fraction=0.85, **COMPACT, attend=broken,
+                     programs_filter=lambda p: p.kind == "forward-decode" and p.shape == (1, 1, 64))
+    (r,) = report.results
+    assert r.error is not None, "a 1,024-key block (4 stages x 2 x 256 KiB of shared memory) compiled"
+
+
+def test_kv_pool_uses_sglang_fraction_of_total_memory():
+    from jaxserve.aot import kv_cache_pages
+
+    gib = 1024**3
+    assert kv_cache_pages(32 * gib, 15 * gib, 0.85, 2 * 1024**2) == (int(32 * gib * 0.85) - 15 * gib) // (2 * 1024**2)
+    assert kv_cache_pages(16 * gib, 15 * gib, 0.85, 2 * 1024**2) == 0  # needs tensor parallelism
+    assert kv_cache_pages(32 * gib, 1 * gib, 0.85, 2 * 1024**2, max_pages=100) == 100
+
+
+def test_targets_parse():
+    from jaxserve.aot import parse_target
+
+    assert parse_target("v5e-4").topology == "v5e:2x2" and parse_target("v5e-4").num_chips == 4
+    assert parse_target("v6e-8").topology == "v6e:2x4"
+    assert parse_target("h200").chip.hbm_bandwidth == 4.8e12
+    with pytest.raises(ValueError):
+        parse_target("a100")
