@@ -166,6 +166,8 @@ class EngineConfig:
     stuck_step_timeout_s: float = 300.0
     # Constraint compiles run on a pool of their own (never the event loop's executor that tokenizes);
     # past max_pending_constraints distinct compiles queued or running, new ones are answered 503.
+    # Reuse the KV pages of cached prompt prefixes (radix tree over whole pages, engine/prefix_cache.py).
+    enable_prefix_cache: bool = True
     constraint_workers: int = 2
     max_pending_constraints: int = 64
 

@@ -83,6 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="on SIGTERM/SIGINT: seconds in-flight requests get to finish before they are answered 503")
     p.add_argument("--request-timeout", "--request-timeout-s", dest="request_timeout_s", type=float, default=S,
                    help="per-request deadline in seconds (default: none); past it the request gets 504")
+    p.add_argument("--disable-prefix-cache", dest="enable_prefix_cache", action="store_false", default=S,
+                   help="recompute every prompt instead of reusing the KV pages of cached prefixes")
     p.add_argument("--constraint-workers", type=int, default=S,
                    help="threads compiling regex / JSON-schema constraints (their own pool)")
     p.add_argument("--max-pending-constraints", type=int, default=S,

@@ -149,7 +149,10 @@ def test_completion_request_rules():
     assert completion_sampling_params(comp(), VOCAB).max_tokens == 16
     assert completion_sampling_params(comp(logprobs=2), VOCAB).logprobs == 2
     assert api_error(completion_sampling_params, comp(suffix="x"), VOCAB).param == "suffix"
-    assert api_error(completion_sampling_params, comp(echo=True, logprobs=1), VOCAB).param == "echo"
+    scored = completion_sampling_params(comp(echo=True, logprobs=1, max_tokens=0), VOCAB)
+    assert (scored.prompt_logprobs, scored.logprobs, scored.max_tokens) == (1, 1, 0)
+    assert completion_sampling_params(comp(echo=True), VOCAB).prompt_logprobs is None
+    assert api_error(completion_sampling_params, comp(max_tokens=0), VOCAB).param == "max_tokens"
     assert api_error(completion_sampling_params, comp(best_of=3), VOCAB).param == "best_of"
 
 

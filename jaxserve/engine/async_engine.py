@@ -117,6 +117,13 @@ class AsyncEngine:
     def abort(self, request_id: str) -> None:
         self._inbox.put(("abort", request_id))
 
+    async def flush_prefix_cache(self) -> int:
+        """Drop the cached prefixes (on the engine thread); ValueError while requests run."""
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future = loop.create_future()
+        self._inbox.put(("flush", loop, done))
+        return await done
+
     def fail_all(self, reason: str) -> None:
         """Answer every request in the engine with EngineBusy(reason) (graceful shutdown ran out of time)."""
         self._closing_reason = reason
@@ -186,6 +193,14 @@ class AsyncEngine:
                                                  f"{type(e).__name__}: {e}"))
         elif kind == "abort":
             self.engine.abort(msg[1])
+        elif kind == "flush":
+            _, loop, done = msg
+            try:
+                result = self.engine.flush_prefix_cache()
+            except ValueError as e:
+                loop.call_soon_threadsafe(done.set_exception, e)
+            else:
+                loop.call_soon_threadsafe(done.set_result, result)
         elif kind == "fail_all":
             for out in self.engine.fail_all(msg[1]):
                 self._deliver(out.request_id, EngineBusy(msg[1]))

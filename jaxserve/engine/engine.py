@@ -15,9 +15,11 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import jax
+import numpy as np
 
 from jaxserve.config import EngineConfig, ModelConfig, cache_dir
 from jaxserve.engine.kv_cache import PageAllocator, kv_bytes_per_page
+from jaxserve.engine.prefix_cache import RadixPrefixCache
 from jaxserve.engine.request import (
     CompletionOutput,
     RequestOutput,
@@ -68,6 +70,10 @@ class EngineStats:
     num_constraint_cache_hits_total: int = 0
     num_constraint_compiles_total: int = 0
     num_constraints_too_complex_total: int = 0
+    kv_pages_cached: int = 0  # held only by the prefix cache (reusable, evictable)
+    num_prefix_query_tokens_total: int = 0  # prompt tokens looked up in the prefix cache
+    num_prefix_hit_tokens_total: int = 0  # of them, reused
+    num_prefix_evicted_pages_total: int = 0
 
 
 def resolve_dtype(dtype: str, platform: str) -> str:
@@ -94,7 +100,9 @@ class LLMEngine:
         benchmarks use it for random-weight models of real sizes."""
         self.config = config
         self.overlap = overlap
-        self._pending: list[tuple[Sequence, PendingResult, int]] = []
+        # Steps in flight, per row to read: (sequence, step, row, emits a token, prompt chunk whose logprobs
+        # this row computed or None).
+        self._pending: list[tuple[Sequence, PendingResult, int, bool, Any]] = []
         self._failed: list[RequestOutput] = []  # requests failed since the last step's outputs
         # Test hook for fault injection: called as fault_hook(stage, request_id) with stage "add" (preparing
         # a request), "step" (building its row of a step) or "postprocess" (reading its sampled token).
@@ -141,6 +149,7 @@ class LLMEngine:
                 prefill_tokens_for_rows=self.runner.buckets.prefill_tokens_for_rows(),
             ),
             self.allocator,
+            RadixPrefixCache(self.allocator, config.page_size) if config.enable_prefix_cache else None,
         )
         self._requests: dict[str, list[Sequence]] = {}
         self._seq_ids = itertools.count()
@@ -199,7 +208,7 @@ class LLMEngine:
                 f"the prompt ({len(prompt_ids)} tokens) plus max_tokens ({params.max_tokens}) exceeds this "
                 f"model's context length of {self.max_model_len} tokens"
             )
-        needed = len(prompt_ids) + (params.max_tokens or room)
+        needed = len(prompt_ids) + (room if params.max_tokens is None else params.max_tokens)
         capacity = self.allocator.num_usable * self.config.page_size
         if needed > capacity:
             raise ValueError(f"the request needs more KV cache ({needed} tokens) than the server holds ({capacity} tokens)")
@@ -233,6 +242,8 @@ class LLMEngine:
                 params=params, seed=seed, max_tokens=max_tokens, leader=seqs[0] if seqs else None,
             )
             seq.detokenizer = self.tokenizer.detokenizer(skip_special_tokens=params.skip_special_tokens)
+            if params.prompt_logprobs is not None and i == 0:  # the leader computes the shared prompt
+                seq.prompt_logprobs = [None] * len(prompt_ids)
             if residency is not None:
                 seq.grammar = grammar
                 seq.grammar_offset = residency.offset
@@ -293,7 +304,24 @@ class LLMEngine:
             num_failed_requests_total=self.num_failed_requests_total,
             num_constraint_cache_hits_total=compiles.hits, num_constraint_compiles_total=compiles.misses,
             num_constraints_too_complex_total=compiles.too_complex,
+            kv_pages_cached=self.allocator.num_cached,
+            **self._prefix_stats(),
         )
+
+    def _prefix_stats(self) -> dict[str, int]:
+        cache = self.scheduler.prefix_cache
+        if cache is None:
+            return {}
+        st = cache.stats()
+        return dict(num_prefix_query_tokens_total=st.num_query_tokens, num_prefix_hit_tokens_total=st.num_hit_tokens,
+                    num_prefix_evicted_pages_total=st.num_evicted_pages)
+
+    def flush_prefix_cache(self) -> int:
+        """Drop every cached prefix; refused (ValueError) while requests run. Returns the pages freed."""
+        if self._requests or self.has_work():
+            raise ValueError("the prefix cache cannot be flushed while requests are running")
+        cache = self.scheduler.prefix_cache
+        return cache.flush() if cache is not None else 0
 
     def warmup(self, progress=None) -> float:
         self.warmup_seconds = self.runner.warmup(progress)
@@ -338,13 +366,13 @@ class LLMEngine:
         self.num_preemptions_total += len(sched.preempted)
         if sched.copies or sched.slot_forks:
             self.runner.apply_forks([(a, b) for a, b, _ in sched.copies], [(a, b) for a, b, _ in sched.slot_forks])
-        current: list[tuple[Sequence, PendingResult, int]] = []
+        current: list[tuple[Sequence, PendingResult, int, bool, Any]] = []
         if sched.decode:
             pending, decode = self._dispatch(self.runner.decode_inputs, self._live([(s, s, True) for s in sched.decode]))
             for i, (s, _, _) in enumerate(decode):
                 s.num_computed += 1
                 self._reserve(s)
-                current.append((s, pending, i))
+                current.append((s, pending, i, True, None))
         if sched.prefill:
             emits = {id(c): c.is_last and not c.seq.output_ids for c in sched.prefill}
             pending, prefill = self._dispatch(self.runner.prefill_inputs,
@@ -354,7 +382,8 @@ class LLMEngine:
                 s.num_computed += c.length
                 if emits[id(c)]:
                     self._reserve(s)
-                    current.append((s, pending, i))
+                if emits[id(c)] or c.prompt_logprobs:
+                    current.append((s, pending, i, emits[id(c)], c if c.prompt_logprobs else None))
         advanced += self._resolve(self._pending)
         self._pending = current
         if not self.overlap:
@@ -449,13 +478,14 @@ class LLMEngine:
         seq.output_ids.append(PLACEHOLDER)
         seq.num_pending += 1
 
-    def _resolve(self, entries: list[tuple[Sequence, "PendingResult", int]]) -> list[Sequence]:
+    def _resolve(self, entries: list[tuple[Sequence, "PendingResult", int, bool, Any]]) -> list[Sequence]:
         done = []
-        for seq, pending, row in entries:
+        for seq, pending, row, emits, prompt_chunk in entries:
             if seq.is_finished:  # finished (or aborted) while this step was in flight: discard the token
                 continue
             try:
                 result = pending.result()
+                prompt = pending.prompt_logprobs() if prompt_chunk is not None else None
             except Exception as e:  # the device step failed: every request of that step is concerned
                 if self.runner.state_lost():
                     raise EngineDead(f"a step failed on the device: {type(e).__name__}: {e}") from e
@@ -463,15 +493,34 @@ class LLMEngine:
                 continue
             try:
                 self._inject("postprocess", seq.request_id)
-                self._append(seq, result, row)
+                if prompt is not None:
+                    self._record_prompt_logprobs(seq, prompt_chunk, *prompt)
+                if emits:
+                    self._append(seq, result, row)
             except Exception as e:
                 self._fail(seq.request_id, "post-processing its token", e)
                 continue
-            done.append(seq)
+            if emits:
+                done.append(seq)
         return done
+
+    @staticmethod
+    def _record_prompt_logprobs(seq: Sequence, chunk, token_lp: np.ndarray, top_ids: np.ndarray,
+                                top_lps: np.ndarray) -> None:
+        """Chunk position t predicted prompt token start + t + 1."""
+        k = seq.params.prompt_logprobs or 0
+        last = min(chunk.start + chunk.length, len(seq.prompt_ids) - 1)
+        for pos in range(chunk.start, last):
+            t = pos - chunk.start
+            seq.prompt_logprobs[pos + 1] = TokenLogprob(
+                seq.prompt_ids[pos + 1], float(token_lp[t]),
+                [(int(i), float(lp)) for i, lp in zip(top_ids[t][:k], top_lps[t][:k])])
 
     def _append(self, seq: Sequence, res: StepResult, row: int) -> None:
         """Fill the oldest placeholder of `seq` with the token sampled in `row` and apply the stops."""
+        if seq.max_tokens == 0:  # scoring the prompt only: its logprobs are in, nothing is generated
+            self._finish(seq, "length")
+            return
         token = int(res.tokens[row])
         idx = len(seq.output_ids) - seq.num_pending
         seq.num_pending -= 1
@@ -499,6 +548,8 @@ class LLMEngine:
         seq.status = SeqStatus.FINISHED
         seq.finish_reason = reason
         seq.stop_reason = stop_reason
+        if reason != "error":  # a failed request's KV may not be what its tokens say
+            self.scheduler.cache_finished(seq)
         self.scheduler.remove(seq)
         if seq.grammar is not None:
             self.grammar_pool.release(seq.grammar)
@@ -522,8 +573,13 @@ class LLMEngine:
                 text, s.pending_emit = s.pending_emit, ""
                 choice_outs.append(CompletionOutput(s.index, new_ids, text, lps, s.finish_reason, s.stop_reason))
             finished = all(s.is_finished for s in all_seqs)
-            outs.append(RequestOutput(rid, choice_outs, len(all_seqs[0].prompt_ids),
-                                      sum(len(s.output_ids) for s in all_seqs), finished))
+            leader = all_seqs[0]
+            prompt_logprobs = None
+            if leader.prompt_logprobs is not None and not leader.prompt_logprobs_sent:
+                prompt_logprobs, leader.prompt_logprobs_sent = leader.prompt_logprobs, True
+            outs.append(RequestOutput(rid, choice_outs, len(leader.prompt_ids),
+                                      sum(len(s.output_ids) for s in all_seqs), finished,
+                                      num_cached_tokens=leader.num_cached_tokens, prompt_logprobs=prompt_logprobs))
             if finished:
                 del self._requests[rid]
         return outs

@@ -40,7 +40,9 @@ class OutOfPages(Exception):
 
 
 class PageAllocator:
-    """Free list plus reference counts (shared prompt pages of n > 1 samples hold one count each)."""
+    """Free list plus reference counts: sequences hold references (shared prompt pages of n > 1 samples hold
+    one each), and the prefix cache may *hold* a page beyond them. A page is free when no sequence refers to
+    it and the cache does not hold it; a held page nobody refers to is "cached" (the cache can evict it)."""
 
     def __init__(self, num_pages: int) -> None:
         if num_pages < 2:
@@ -49,6 +51,8 @@ class PageAllocator:
         # Pop from the end: low page ids are handed out first, which keeps tests readable.
         self._free = list(range(num_pages - 1, 0, -1))
         self._refs = [0] * num_pages
+        self._held = [False] * num_pages
+        self._num_cached = 0  # held by the prefix cache, referenced by no sequence
 
     @property
     def num_free(self) -> int:
@@ -59,8 +63,17 @@ class PageAllocator:
         return self.num_pages - 1
 
     @property
+    def num_cached(self) -> int:
+        """Pages only the prefix cache holds (reusable by a later prompt, evictable when pages run out)."""
+        return self._num_cached
+
+    @property
     def num_used(self) -> int:
-        return self.num_usable - self.num_free
+        """Pages some sequence refers to."""
+        return self.num_usable - self.num_free - self._num_cached
+
+    def refcount(self, page: int) -> int:
+        return self._refs[page]
 
     def allocate(self, n: int) -> list[int]:
         if n > len(self._free):
@@ -72,8 +85,10 @@ class PageAllocator:
 
     def share(self, pages: list[int]) -> None:
         for p in pages:
-            if self._refs[p] <= 0:
+            if self._refs[p] <= 0 and not self._held[p]:
                 raise RuntimeError(f"sharing page {p} that is not allocated")
+            if self._refs[p] == 0:
+                self._num_cached -= 1
             self._refs[p] += 1
 
     def free(self, pages: list[int]) -> None:
@@ -82,4 +97,21 @@ class PageAllocator:
                 raise RuntimeError(f"double free of page {p}")
             self._refs[p] -= 1
             if self._refs[p] == 0:
-                self._free.append(p)
+                if self._held[p]:
+                    self._num_cached += 1
+                else:
+                    self._free.append(p)
+
+    def hold(self, page: int) -> None:
+        """The prefix cache keeps `page` (a sequence still refers to it) until `unhold`."""
+        if self._refs[page] <= 0 or self._held[page]:
+            raise RuntimeError(f"holding page {page} that no sequence refers to, or that is held already")
+        self._held[page] = True
+
+    def unhold(self, page: int) -> None:
+        if not self._held[page]:
+            raise RuntimeError(f"page {page} is not held")
+        self._held[page] = False
+        if self._refs[page] == 0:
+            self._num_cached -= 1
+            self._free.append(page)

@@ -42,6 +42,8 @@ class RequestOutput:
     num_output_tokens: int
     finished: bool
     error: str | None = None  # set when the engine failed this request (it is finished, with no more output)
+    num_cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # with the first output, when asked for
 
 
 @dataclass(eq=False)
@@ -76,6 +78,11 @@ class Sequence:
     grammar_state: int = 0  # DFA state after the last resolved token (relative to the grammar)
     grammar_on_device: bool = False  # the device advances the state (its transition tables fit the pool)
     num_preemptions: int = 0
+    num_cached_tokens: int = 0  # prompt tokens reused from the prefix cache at (first) admission
+    # Asked for (params.prompt_logprobs): per prompt position, the logprob of its token given the ones
+    # before (None at position 0), filled chunk by chunk; reported once, with the request's first output.
+    prompt_logprobs: "list[TokenLogprob | None] | None" = None
+    prompt_logprobs_sent: bool = False
     # n > 1: the first choice (leader) computes the prompt; the others share its pages.
     leader: "Sequence | None" = None
 

@@ -27,6 +27,7 @@ from jaxserve.engine.request import Sequence
 from jaxserve.models.forward import make_forward
 from jaxserve.models.llama import fuse_projections, unstack_layers
 from jaxserve.sampling.batch import SamplingBatch, SamplingRow, build_sampling_batch
+from jaxserve.sampling.params import MAX_TOP_LOGPROBS
 from jaxserve.sampling.penalties import PenaltyState, add_prompt_tokens, init_penalty_state, reset_slots
 from jaxserve.sampling.sampler import SampleOutput, sample_with_grammar
 
@@ -125,6 +126,33 @@ class StepInputs:
     # Decode rows whose input token was sampled by the previous, still unread step: the slot whose entry
     # of the device-side `last_tokens` holds it (-1: the token in `tokens` is known on the host).
     token_slot: jax.Array  # [B]
+    # Prompt logprobs (at most one row per step): the row (-1: none) and, per position t of its chunk, the
+    # token whose logprob position t predicts (the prompt token at position + 1).
+    logprob_row: jax.Array  # [] int32
+    logprob_targets: jax.Array  # [T]
+
+
+@jax.tree_util.register_dataclass
+@dataclass(frozen=True)
+class PromptLogprobs:
+    """Log-probabilities at every position of one prefill row: of the next prompt token, and the top K."""
+
+    token_logprob: jax.Array  # f32 [T]
+    top_ids: jax.Array  # i32 [T, K]
+    top_logprobs: jax.Array  # f32 [T, K]
+
+
+def _prompt_logprobs(head_logits, params, hidden: jax.Array, targets: jax.Array) -> PromptLogprobs:
+    logprobs = jax.nn.log_softmax(head_logits(params, hidden), axis=-1)
+    top_logprobs, top_ids = jax.lax.top_k(logprobs, MAX_TOP_LOGPROBS)
+    token = jnp.take_along_axis(logprobs, targets[:, None], axis=-1)[:, 0]
+    return PromptLogprobs(token, top_ids.astype(jnp.int32), top_logprobs)
+
+
+def _no_prompt_logprobs(hidden: jax.Array, targets: jax.Array) -> PromptLogprobs:
+    t = targets.shape[0]
+    return PromptLogprobs(jnp.zeros(t, jnp.float32), jnp.zeros((t, MAX_TOP_LOGPROBS), jnp.int32),
+                          jnp.zeros((t, MAX_TOP_LOGPROBS), jnp.float32))
 
 
 def _forward_step(forward, sample_rows: int, params, cache, penalty: PenaltyState, last_tokens, inp: StepInputs):
@@ -132,7 +160,11 @@ def _forward_step(forward, sample_rows: int, params, cache, penalty: PenaltyStat
     the sampler's row bucket [sample_rows, V]."""
     from_device = last_tokens[jnp.maximum(inp.token_slot, 0)][:, None]
     tokens = jnp.where(inp.token_slot[:, None] >= 0, from_device, inp.tokens)
-    logits, cache = forward(params, tokens, inp.positions, cache, inp.meta, inp.logits_index)
+    logits, cache, row_hidden = forward(params, tokens, inp.positions, cache, inp.meta, inp.logits_index,
+                                        inp.logprob_row)
+    # Only a step with a prompt-logprobs row pays for the LM head over its positions (XLA runs one branch).
+    prompt = jax.lax.cond(inp.logprob_row >= 0, partial(_prompt_logprobs, forward.head_logits, params),
+                          _no_prompt_logprobs, row_hidden, inp.logprob_targets)
     logits = jnp.pad(logits, ((0, sample_rows - logits.shape[0]), (0, 0)))
     penalty = reset_slots(penalty, inp.reset_slot)
     penalty = add_prompt_tokens(penalty, inp.chunk_slot, inp.tokens, inp.chunk_prompt_len)
@@ -144,7 +176,7 @@ def _forward_step(forward, sample_rows: int, params, cache, penalty: PenaltyStat
         output_counts=penalty.output_counts.at[rows, inp.tokens].add(1, mode="drop"),
         prompt_mask=penalty.prompt_mask,
     )
-    return logits, cache, penalty
+    return logits, cache, penalty, prompt
 
 
 def _sample_step(logits, sampling: SamplingBatch, penalty: PenaltyState, grammar: GrammarTables, end_ids,
@@ -268,23 +300,23 @@ class ModelRunner:
         self.apply_forks([], [])
         for i, (rows, tokens, pages) in enumerate(shapes):
             inp = self._empty_inputs(rows, tokens, pages)
-            out = self._run(inp)
+            out, _ = self._run(inp)
             jax.block_until_ready(out.tokens)
             if progress is not None:
                 progress(i + 1, len(shapes), (rows, tokens, pages))
         return time.perf_counter() - t0
 
-    def _run(self, inp: StepInputs) -> SampleOutput:
+    def _run(self, inp: StepInputs) -> tuple[SampleOutput, PromptLogprobs]:
         sample_rows = inp.sampling.temperature.shape[0]  # built at the sampler's row bucket
         # Each donated buffer is replaced as soon as its successor exists, so a failure in a later call
         # leaves the runner with valid state whenever that is still possible (see `state_lost`).
-        logits, self.cache, penalty = self._forward(sample_rows, self.params, self.cache, self.penalty,
-                                                    self.last_tokens, inp)
+        logits, self.cache, penalty, prompt = self._forward(sample_rows, self.params, self.cache, self.penalty,
+                                                            self.last_tokens, inp)
         out, self.last_tokens, self.grammar_state = self._sample(
             logits, inp.sampling, penalty, self._grammar_tables_fn(), self.end_ids, self.last_tokens, self.grammar_state
         )
         self.penalty = out.penalty
-        return out
+        return out, prompt
 
     def state_lost(self) -> bool:
         """True when a failed call consumed a donated buffer (KV cache, penalty state, last tokens) without
@@ -310,7 +342,8 @@ class ModelRunner:
                 q_start: np.ndarray, slot_page: np.ndarray, slot_offset: np.ndarray, sampling: SamplingBatch,
                 logits_index: np.ndarray | None = None, reset_slot: np.ndarray | None = None,
                 chunk_slot: np.ndarray | None = None, chunk_prompt_len: np.ndarray | None = None,
-                chunk_len: np.ndarray | None = None, token_slot: np.ndarray | None = None) -> StepInputs:
+                chunk_len: np.ndarray | None = None, token_slot: np.ndarray | None = None,
+                logprob_row: int = -1, logprob_targets: np.ndarray | None = None) -> StepInputs:
         """Step inputs by name; the optional per-row arrays default to "nothing to do" for every row."""
         rows = tokens.shape[0]
 
@@ -324,6 +357,8 @@ class ModelRunner:
             logits_index=or_fill(logits_index, 0), sampling=sampling, reset_slot=or_fill(reset_slot, -1),
             chunk_slot=or_fill(chunk_slot, -1), chunk_prompt_len=or_fill(chunk_prompt_len, 0),
             chunk_len=or_fill(chunk_len, 0), token_slot=or_fill(token_slot, -1),
+            logprob_row=np.array(logprob_row, np.int32),
+            logprob_targets=np.zeros(tokens.shape[1], np.int32) if logprob_targets is None else logprob_targets,
         )
 
     def _fill_slots(self, seq: Sequence, start: int, length: int, slot_page: np.ndarray, slot_offset: np.ndarray, row: int) -> None:
@@ -379,6 +414,7 @@ class ModelRunner:
         chunk_slot = np.full(rows, -1, np.int32)
         chunk_prompt_len = np.zeros(rows, np.int32)
         chunk_len = np.zeros(rows, np.int32)
+        logprob_row, logprob_targets = -1, np.zeros(t, np.int32)
         for i, c in enumerate(chunks):
             s = c.seq
             ids = s.token_ids[c.start : c.start + c.length]
@@ -389,30 +425,40 @@ class ModelRunner:
             q_start[i] = c.start
             self._fill_slots(s, c.start, c.length, slot_page, slot_offset, i)
             logits_index[i] = c.length - 1
-            if c.start == 0:
+            if c.first:
                 reset_slot[i] = s.slot
             chunk_slot[i] = s.slot
             chunk_prompt_len[i] = max(0, min(c.length, len(s.prompt_ids) - c.start))
             chunk_len[i] = c.length
+            if c.prompt_logprobs:
+                if logprob_row >= 0:
+                    raise RuntimeError("internal error: two prompt-logprobs rows in one prefill step")
+                logprob_row = i
+                nxt = s.prompt_ids[c.start + 1:c.start + c.length + 1]  # predicted by positions start...
+                logprob_targets[:len(nxt)] = nxt
         return self._inputs(
             tokens=tokens, positions=positions, page_table=page_table, seq_lens=seq_lens, q_start=q_start,
             slot_page=slot_page, slot_offset=slot_offset, logits_index=logits_index, reset_slot=reset_slot,
             chunk_slot=chunk_slot, chunk_prompt_len=chunk_prompt_len, chunk_len=chunk_len,
+            logprob_row=logprob_row, logprob_targets=logprob_targets,
             sampling=build_sampling_batch(rows_info, self._sample_rows(rows)),
         )
 
     def dispatch(self, inp: StepInputs, n: int) -> "PendingResult":
         """Launch one step on the device (asynchronously); its first `n` rows are real."""
-        return PendingResult(self._run(inp), n)
+        out, prompt = self._run(inp)
+        return PendingResult(out, n, prompt if int(inp.logprob_row) >= 0 else None)
 
 
 class PendingResult:
     """A dispatched step whose sampled tokens the host has not read yet (JAX dispatch is asynchronous)."""
 
-    def __init__(self, out: SampleOutput, n: int) -> None:
+    def __init__(self, out: SampleOutput, n: int, prompt: PromptLogprobs | None = None) -> None:
         self._out: SampleOutput | None = out
         self._n = n
         self._result: StepResult | None = None
+        self._prompt = prompt
+        self._prompt_result: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
 
     def result(self) -> StepResult:
         if self._result is None:
@@ -421,3 +467,14 @@ class PendingResult:
             self._result = StepResult(*(np.asarray(a)[: self._n] for a in host))
             self._out = None
         return self._result
+
+    def prompt_logprobs(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(next-token logprob [T], top ids [T, K], top logprobs [T, K]) of the step's prompt-logprobs row."""
+        if self._prompt_result is None:
+            if self._prompt is None:
+                raise RuntimeError("internal error: this step computed no prompt logprobs")
+            p = self._prompt
+            self._prompt_result = tuple(np.asarray(a) for a in jax.device_get(
+                (p.token_logprob, p.top_ids, p.top_logprobs)))
+            self._prompt = None
+        return self._prompt_result

@@ -7,10 +7,12 @@ sequence requeued at the front for recompute), so nothing is lost and nothing de
 """
 from __future__ import annotations
 
+import dataclasses
 from collections import deque
 from dataclasses import dataclass, field
 
 from jaxserve.engine.kv_cache import PageAllocator
+from jaxserve.engine.prefix_cache import RadixPrefixCache
 from jaxserve.engine.request import Sequence, SeqStatus
 
 
@@ -19,6 +21,8 @@ class PrefillChunk:
     seq: Sequence
     start: int  # first position of the chunk
     length: int
+    first: bool = False  # the first chunk computed since the sequence took its slot: reset the slot's penalties
+    prompt_logprobs: bool = False  # compute the logprobs of the prompt tokens this chunk predicts
 
     @property
     def is_last(self) -> bool:
@@ -59,9 +63,11 @@ class SchedulerLimits:
 
 
 class Scheduler:
-    def __init__(self, limits: SchedulerLimits, allocator: PageAllocator) -> None:
+    def __init__(self, limits: SchedulerLimits, allocator: PageAllocator,
+                 prefix_cache: RadixPrefixCache | None = None) -> None:
         self.limits = limits
         self.allocator = allocator
+        self.prefix_cache = prefix_cache
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # in admission order: the last is the newest
         self._free_slots = list(range(limits.max_running - 1, -1, -1))
@@ -113,7 +119,7 @@ class Scheduler:
             if seq not in self.running:  # preempted below as a victim
                 continue
             need = seq.pages_needed(seq.num_tokens, ps)
-            while need > self.allocator.num_free:
+            while not self._room(need):
                 victim = self.running[-1]
                 self._preempt(victim, out)
                 if victim is seq:
@@ -125,22 +131,27 @@ class Scheduler:
             out.decode.append(seq)
 
         # 2. Prefill chunks: running sequences in the middle of their prompt first, then admissions.
+        # At most one row per step computes prompt logprobs (the step has one such row).
         budget = self.limits.max_prefill_tokens
         blocked = False  # a running prompt could not get pages
         for seq in [s for s in self.running if s.in_prefill]:
             if budget <= 0 or len(out.prefill) >= self.limits.max_prefill_rows:
                 break
+            if self._needs_prompt_logprobs(seq) and any(c.prompt_logprobs for c in out.prefill):
+                continue
             chunk = self._chunk(seq, budget, self._cap(out))
             if chunk is None:
                 blocked = True
                 continue
-            out.prefill.append(chunk)
+            out.prefill.append(self._with_prompt_logprobs(chunk))
             budget -= chunk.length
         for seq in list(self.waiting):
             if budget <= 0 or len(out.prefill) >= self.limits.max_prefill_rows or len(self.running) >= self.limits.max_running:
                 break
             if seq.num_pending:
                 continue  # preempted while its last token was in flight: recompute once it is known
+            if self._needs_prompt_logprobs(seq) and any(c.prompt_logprobs for c in out.prefill):
+                break  # FCFS: it goes first next step
             leader = seq.leader
             if leader is not None and not seq.output_ids and leader.status is not SeqStatus.FINISHED:
                 if leader.status is SeqStatus.WAITING or leader.in_prefill:
@@ -149,6 +160,12 @@ class Scheduler:
             seq.slot = slot
             if leader is not None and leader.status is SeqStatus.RUNNING and not seq.output_ids:
                 self._fork_prompt(seq, leader, out)
+            elif (self.prefix_cache is not None and seq.params.repetition_penalty == 1.0
+                  and seq.params.prompt_logprobs is None):
+                # (Repetition penalties need every prompt token in the slot's penalty state, prompt
+                # logprobs every prompt position's logits: those prompts are computed in full.)
+                self._reuse_prefix(seq)
+            forked = bool(out.slot_forks) and out.slot_forks[-1][2] is seq
             chunk = self._chunk(seq, budget, self._cap(out))
             if chunk is None:
                 self._release(seq)
@@ -158,7 +175,7 @@ class Scheduler:
             self.waiting.remove(seq)
             seq.status = SeqStatus.RUNNING
             self.running.append(seq)
-            out.prefill.append(chunk)
+            out.prefill.append(self._with_prompt_logprobs(dataclasses.replace(chunk, first=not forked)))
             budget -= chunk.length
         if out.empty and blocked and len(self.running) > 1:
             # Every running sequence is stuck mid-prompt waiting for pages: free the newest one's.
@@ -183,7 +200,7 @@ class Scheduler:
             return
         ps = self.limits.page_size
         full, partial = divmod(shared, ps)
-        if partial and self.allocator.num_free < 1:
+        if partial and not self._room(1):
             return
         seq.pages = list(leader.pages[:full])
         self.allocator.share(seq.pages)
@@ -193,6 +210,40 @@ class Scheduler:
             seq.pages.append(page)
         seq.num_computed = shared
         out.slot_forks.append((leader.slot, seq.slot, seq))
+
+    @staticmethod
+    def _needs_prompt_logprobs(seq: Sequence) -> bool:
+        return seq.prompt_logprobs is not None and not seq.prompt_logprobs_sent
+
+    def _with_prompt_logprobs(self, chunk: PrefillChunk) -> PrefillChunk:
+        """Mark a chunk that predicts prompt tokens of a sequence asking for their logprobs."""
+        if self._needs_prompt_logprobs(chunk.seq) and chunk.start < len(chunk.seq.prompt_ids) - 1:
+            return dataclasses.replace(chunk, prompt_logprobs=True)
+        return chunk
+
+    def _room(self, pages: int) -> bool:
+        """Whether `pages` pages are free, evicting cached prefixes nobody uses if that is what it takes."""
+        short = pages - self.allocator.num_free
+        if short > 0 and self.prefix_cache is not None:
+            self.prefix_cache.evict(short)
+        return pages <= self.allocator.num_free
+
+    def _reuse_prefix(self, seq: Sequence) -> None:
+        """Start a newly admitted sequence after the longest cached prefix of its prompt."""
+        pages = self.prefix_cache.match(seq.prompt_ids, seq.params.cache_salt)
+        if seq.num_preemptions == 0:
+            seq.num_cached_tokens = len(pages) * self.limits.page_size
+        if pages:
+            self.allocator.share(pages)
+            seq.pages = list(pages)
+            seq.num_computed = len(pages) * self.limits.page_size
+
+    def cache_finished(self, seq: Sequence) -> None:
+        """Offer a finished sequence's computed full pages to the prefix cache (before it releases them)."""
+        if self.prefix_cache is None or not seq.pages:
+            return
+        known = seq.num_tokens - seq.num_pending  # placeholders of steps in flight are not known tokens
+        self.prefix_cache.insert(seq.token_ids[:min(seq.num_computed, known)], seq.pages, seq.params.cache_salt)
 
     def _cap(self, out: ScheduledStep) -> int:
         """Longest chunk one more prefill row may have so that the rows still fit a compiled shape."""
@@ -209,7 +260,7 @@ class Scheduler:
         if length <= 0:
             return None
         need = seq.pages_needed(seq.num_computed + length, self.limits.page_size)
-        if need > self.allocator.num_free:
+        if not self._room(need):
             # Shrink the chunk to the pages that are free rather than stall the prompt.
             have = len(seq.pages) + self.allocator.num_free
             length = min(length, have * self.limits.page_size - seq.num_computed)

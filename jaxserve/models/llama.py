@@ -71,6 +71,12 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return out.astype(x.dtype)
 
 
+def rms_norm(x: jax.Array, scale: jax.Array, eps: float, dtype: Any) -> jax.Array:
+    xf = x.astype(jnp.float32)
+    xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    return (xf * scale.astype(jnp.float32)).astype(dtype)
+
+
 class RMSNorm(nn.Module):
     eps: float
     dtype: Any
@@ -78,9 +84,15 @@ class RMSNorm(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), self.dtype)
-        xf = x.astype(jnp.float32)
-        xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
-        return (xf * scale.astype(jnp.float32)).astype(self.dtype)
+        return rms_norm(x, scale, self.eps, self.dtype)
+
+
+def head_logits(cfg: ModelConfig, dtype: Any, params: dict[str, Any], x: jax.Array) -> jax.Array:
+    """The model's final norm and LM head as a pure function of its parameters: float32 logits of hidden
+    states `x` [..., hidden] (for positions the forward did not compute logits for, e.g. prompt logprobs)."""
+    x = rms_norm(x, params["norm"]["scale"], cfg.rms_norm_eps, dtype)
+    weight = params["embed_tokens"]["embedding"].T if cfg.tie_word_embeddings else params["lm_head"]["kernel"]
+    return jnp.dot(x, weight.astype(dtype), precision=jax.lax.Precision.HIGHEST).astype(jnp.float32)
 
 
 def _dense(features: int, bias: bool, dtype: Any, name: str) -> nn.Dense:
@@ -175,10 +187,11 @@ class LlamaModel(nn.Module):
     fused_projections: bool = False
 
     @nn.compact
-    def __call__(self, tokens, positions, cache, meta, logits_index=None):
+    def __call__(self, tokens, positions, cache, meta, logits_index=None, hidden_row=None):
         """tokens, positions: [B, T] int32. logits_index: [B] int32 picks one position per row for the
         logits (what serving needs); None returns logits for every position (tests, echo).
-        Returns (logits float32 [B, V] or [B, T, V], updated cache)."""
+        Returns (logits float32 [B, V] or [B, T, V], updated cache); with `hidden_row` (int32 scalar) also
+        the last layer's hidden states of that row [T, hidden] (before the final norm; see `head_logits`)."""
         cfg = self.cfg
         embed = nn.Embed(
             cfg.vocab_size,
@@ -203,6 +216,9 @@ class LlamaModel(nn.Module):
             for i in range(cfg.num_layers):
                 layer = DecoderLayer(cfg, self.dtype, self.cache_ops, self.fused_projections, name=f"layers_{i}")
                 (x, cache, _), _ = layer((x, cache, jnp.int32(i)), cos, sin, meta)
+        row_hidden = None
+        if hidden_row is not None:
+            row_hidden = jax.lax.dynamic_index_in_dim(x, jnp.clip(hidden_row, 0, x.shape[0] - 1), 0, keepdims=False)
         if logits_index is not None:
             x = jnp.take_along_axis(x, logits_index[:, None, None].astype(jnp.int32), axis=1)[:, 0]
         x = RMSNorm(cfg.rms_norm_eps, self.dtype, name="norm")(x)
@@ -210,6 +226,8 @@ class LlamaModel(nn.Module):
             logits = jnp.dot(x, embed.embedding.T, precision=jax.lax.Precision.HIGHEST)
         else:
             logits = _dense(cfg.vocab_size, False, self.dtype, "lm_head")(x)
+        if row_hidden is not None:
+            return logits.astype(jnp.float32), cache, row_hidden
         return logits.astype(jnp.float32), cache
 
 

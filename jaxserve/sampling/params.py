@@ -56,6 +56,8 @@ class SamplingParams:
     logprobs: int | None = None  # None: none; 0: the chosen token's; k: plus the top k (k <= 20)
     no_stop_trim: bool = False  # keep the matched stop string / stop token text in the output
     constraint: Constraint | None = None
+    cache_salt: str | None = None  # prefix-cache namespace: only requests with the same salt share prefixes
+    prompt_logprobs: int | None = None  # None: none; k: each prompt token's logprob plus the top k (k <= 20)
 
     def replace(self, **kw) -> "SamplingParams":
         return dataclasses.replace(self, **kw)
@@ -81,7 +83,8 @@ class SamplingParams:
         integer("n", self.n, 1, MAX_N)
         if self.max_tokens is not None:
             # No upper bound here: the context length bounds it (a huge value is a context-length error).
-            integer("max_tokens", self.max_tokens, 1, None)
+            # 0 only to score a prompt (prompt logprobs, nothing generated).
+            integer("max_tokens", self.max_tokens, 0 if self.prompt_logprobs is not None else 1, None)
         integer("min_tokens", self.min_tokens, 0, None)
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
             raise ValueError(f"min_tokens ({_show(self.min_tokens)}) must not exceed max_tokens ({self.max_tokens})")
@@ -137,6 +140,10 @@ class SamplingParams:
                 raise ValueError(f"stop_token_ids entry {_show(t)} is outside the vocabulary [0, {vocab_size})")
         if self.logprobs is not None:
             integer("top_logprobs", self.logprobs, 0, MAX_TOP_LOGPROBS)
+        if self.prompt_logprobs is not None:
+            integer("prompt_logprobs", self.prompt_logprobs, 0, MAX_TOP_LOGPROBS)
+        if self.cache_salt is not None and (not isinstance(self.cache_salt, str) or not 0 < len(self.cache_salt) <= 256):
+            raise ValueError("cache_salt must be a non-empty string of at most 256 characters")
 
 
 def _is_int(value: object) -> bool:

@@ -18,6 +18,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from jaxserve.config import ServerConfig
 from jaxserve.server.errors import APIError, install_error_handlers
 from jaxserve.server.metrics import ServerMetrics
+from jaxserve.server.openapi import install_openapi
 from jaxserve.server.protocol import now
 from jaxserve.server.serving_chat import ChatService
 from jaxserve.server.serving_completions import CompletionService
@@ -25,7 +26,7 @@ from jaxserve.server.serving_native import NativeService
 from jaxserve.server.state import ServerState
 
 if TYPE_CHECKING:
-    from jaxserve.engine.engine import AsyncEngine
+    from jaxserve.engine.async_engine import AsyncEngine
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +39,7 @@ _METRIC_PATHS = frozenset(
         "/generate",
         "/v1/tokenize",
         "/v1/detokenize",
+        "/flush_cache",
         "/health",
         "/metrics",
     }
@@ -129,9 +131,10 @@ def build_app(
                 logger.info("shutting down the engine (aborting unfinished requests)")
                 await state.engine.shutdown()
 
-    app = FastAPI(title="jaxserve", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(title="jaxserve", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url="/openapi.json")
     app.state.jaxserve = state
     install_error_handlers(app)
+    install_openapi(app)
     chat = ChatService(state)
     completions = CompletionService(state)
     native = NativeService(state)
@@ -198,6 +201,15 @@ def build_app(
     @app.post("/generate", dependencies=auth)
     async def generate(request: Request) -> Response:
         return await native.generate(await read_body(request, limit), request)
+
+    @app.post("/flush_cache", dependencies=auth)
+    async def flush_cache() -> JSONResponse:
+        engine = state.require_engine()
+        try:
+            freed = await engine.flush_prefix_cache()
+        except ValueError as exc:
+            raise APIError(400, str(exc), code="requests_running") from None
+        return JSONResponse({"status": "ok", "freed_pages": freed})
 
     @app.post("/v1/tokenize", dependencies=auth)
     async def tokenize(request: Request) -> Response:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import TYPE_CHECKING, AsyncIterator, Awaitable, TypeVar
+from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable, Iterable, TypeVar
 
 from starlette.requests import Request
 
@@ -33,6 +33,19 @@ def engine_error(exc: BaseException) -> APIError | None:
     if isinstance(exc, RequestFailed):
         return APIError(500, str(exc), type="server_error", code="request_failed")
     return None
+
+
+def usage_body(last_outputs: "Iterable[RequestOutput | None]") -> dict[str, Any]:
+    """OpenAI's `usage` over the latest output of each generation of one HTTP request."""
+    outs = [o for o in last_outputs if o is not None]
+    prompt = sum(o.num_prompt_tokens for o in outs)
+    completion = sum(o.num_output_tokens for o in outs)
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+        "prompt_tokens_details": {"cached_tokens": sum(o.num_cached_tokens for o in outs)},
+    }
 
 
 def timed_out(seconds: float) -> APIError:

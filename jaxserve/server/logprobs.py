@@ -84,3 +84,13 @@ def merge_completion_logprobs(parts: list[dict[str, Any]]) -> dict[str, Any]:
         for key in merged:
             merged[key].extend(part[key])
     return merged
+
+
+def prompt_completion_logprobs(prompt_ids: list[int], entries: Sequence["TokenLogprob | None"],
+                               texts: TokenTexts) -> dict[str, Any]:
+    """The echoed prompt's fragment of the completions format: the first token has no logprob (null), as
+    OpenAI reports it; offsets count from the start of the echoed text."""
+    first = texts(prompt_ids[0])
+    head = {"tokens": [first], "token_logprobs": [None], "top_logprobs": [None], "text_offset": [0]}
+    rest = completion_logprobs([e for e in entries[1:] if e is not None], texts, len(first))
+    return merge_completion_logprobs([head, rest])

@@ -26,6 +26,8 @@ class _EngineGauges(Collector):
             "jaxserve_num_requests_waiting": ("Requests waiting to be scheduled", "num_waiting"),
             "jaxserve_kv_pages_used": ("KV cache pages in use", "kv_pages_used"),
             "jaxserve_kv_pages_total": ("KV cache pages in the pool", "kv_pages_total"),
+            "jaxserve_kv_pages_cached": ("KV cache pages held only by the prefix cache (reusable, evictable)",
+                                         "kv_pages_cached"),
             "jaxserve_num_requests_queued": (
                 "Requests admitted but not yet producing output (compiling a constraint, queued, prefilling)",
                 "num_queued"),
@@ -50,6 +52,12 @@ class _EngineGauges(Collector):
             "jaxserve_constraint_cache_hits": ("Constraints answered from the compiled-grammar cache",
                                                "num_constraint_cache_hits_total"),
             "jaxserve_constraint_compiles": ("Constraint compiles started", "num_constraint_compiles_total"),
+            "jaxserve_prefix_cache_query_tokens": ("Prompt tokens looked up in the prefix cache",
+                                                   "num_prefix_query_tokens_total"),
+            "jaxserve_prefix_cache_hit_tokens": ("Prompt tokens whose KV came from the prefix cache",
+                                                 "num_prefix_hit_tokens_total"),
+            "jaxserve_prefix_cache_evicted_pages": ("Pages evicted from the prefix cache",
+                                                    "num_prefix_evicted_pages_total"),
             "jaxserve_constraints_too_complex": ("Constraints refused by the compile budget (HTTP 400)",
                                                  "num_constraints_too_complex_total"),
         }

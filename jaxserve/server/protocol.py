@@ -135,6 +135,7 @@ class _SamplingFields(_Request):
     ignore_eos: bool = False
     skip_special_tokens: bool = True
     no_stop_trim: bool = False
+    cache_salt: str | None = Field(default=None, min_length=1, max_length=256)  # prefix-cache namespace
 
 
 class ChatCompletionRequest(_SamplingFields):
@@ -178,6 +179,7 @@ class NativeSamplingParams(_Request):
     ignore_eos: bool = False
     skip_special_tokens: bool = True
     no_stop_trim: bool = False
+    cache_salt: str | None = Field(default=None, min_length=1, max_length=256)  # prefix-cache namespace
     n: int = 1
     seed: Seed | None = None
     regex: str | None = None
@@ -192,6 +194,8 @@ class GenerateRequest(_Request):
     return_logprob: bool = False
     # Bounded here, not only by SamplingParams.validate: it is parsed even when return_logprob is false.
     top_logprobs_num: Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS)] = 0
+    # SGLang: with return_logprob, the logprobs of the input tokens from this position on (-1: none).
+    logprob_start_len: Annotated[int, Field(ge=-1, le=2**31 - 1)] = -1
     rid: str | None = None
 
 

@@ -217,6 +217,7 @@ def _common(req: ChatCompletionRequest | CompletionRequest) -> dict:
         ignore_eos=req.ignore_eos,
         skip_special_tokens=req.skip_special_tokens,
         no_stop_trim=req.no_stop_trim,
+        cache_salt=req.cache_salt,
     )
 
 
@@ -283,14 +284,16 @@ def completion_sampling_params(req: CompletionRequest, vocab_size: int) -> Sampl
         raise bad_request("suffix is not supported: this server does not do fill-in-the-middle", param="suffix")
     if req.best_of is not None and req.best_of != req.n:
         raise bad_request("best_of is not supported (only best_of == n)", param="best_of")
-    if req.echo and req.logprobs is not None:
-        raise bad_request("echo with logprobs is not supported (prompt logprobs are not computed)", param="echo")
     constraint = response_constraint(req.response_format, req.regex, req.json_schema)
-    params = SamplingParams(**_common(req), max_tokens=req.max_tokens, logprobs=req.logprobs, constraint=constraint)
+    # echo + logprobs scores the prompt too (lm-evaluation-harness: max_tokens 0 scores it alone).
+    prompt_logprobs = req.logprobs if req.echo else None
+    params = SamplingParams(**_common(req), max_tokens=req.max_tokens, logprobs=req.logprobs, constraint=constraint,
+                            prompt_logprobs=prompt_logprobs)
     return validated(params, vocab_size, COMPLETION_NAMES)
 
 
-def native_sampling_params(sp: NativeSamplingParams, logprobs: int | None, vocab_size: int) -> SamplingParams:
+def native_sampling_params(sp: NativeSamplingParams, logprobs: int | None, vocab_size: int,
+                           prompt_logprobs: int | None = None) -> SamplingParams:
     constraint = response_constraint(None, sp.regex, sp.json_schema)
     params = SamplingParams(
         n=sp.n,
@@ -309,7 +312,9 @@ def native_sampling_params(sp: NativeSamplingParams, logprobs: int | None, vocab
         ignore_eos=sp.ignore_eos,
         skip_special_tokens=sp.skip_special_tokens,
         no_stop_trim=sp.no_stop_trim,
+        cache_salt=sp.cache_salt,
         logprobs=logprobs,
+        prompt_logprobs=prompt_logprobs,
         constraint=constraint,
     )
     return validated(params, vocab_size, NATIVE_NAMES)

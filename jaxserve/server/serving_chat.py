@@ -13,7 +13,7 @@ from starlette.requests import Request
 
 from jaxserve.sampling.params import Constraint
 from jaxserve.server.errors import bad_request
-from jaxserve.server.generation import Generation, start_generation, until_disconnect
+from jaxserve.server.generation import Generation, start_generation, until_disconnect, usage_body
 from jaxserve.server.logprobs import TokenTexts, chat_logprobs
 from jaxserve.server.protocol import ChatCompletionRequest, ChatMessage, NamedToolChoice, new_id, now
 from jaxserve.server.request_params import (
@@ -249,10 +249,10 @@ class ChatService:
         self, gen: Generation, req: ChatCompletionRequest, mode: ToolMode, model: str, texts: TokenTexts
     ) -> dict[str, Any]:
         choices = [_ChoiceState() for _ in range(req.n)]
-        prompt_tokens = output_tokens = 0
+        last = None
         try:
             async for out in gen:
-                prompt_tokens, output_tokens = out.num_prompt_tokens, out.num_output_tokens
+                last = out
                 for c in out.outputs:
                     st = choices[c.index]
                     st.text.append(c.text)
@@ -284,11 +284,7 @@ class ChatService:
             "model": model,
             "system_fingerprint": None,
             "choices": result,
-            "usage": {
-                "prompt_tokens": prompt_tokens,
-                "completion_tokens": output_tokens,
-                "total_tokens": prompt_tokens + output_tokens,
-            },
+            "usage": usage_body([last]),
         }
 
     async def _stream(
@@ -302,7 +298,7 @@ class ChatService:
     ) -> AsyncIterator[bytes]:
         created = now()
 
-        def chunk(choices: list[dict[str, Any]], usage: dict[str, int] | None = None) -> bytes:
+        def chunk(choices: list[dict[str, Any]], usage: dict[str, Any] | None = None) -> bytes:
             payload: dict[str, Any] = {
                 "id": gen.request_id,
                 "object": "chat.completion.chunk",
@@ -321,7 +317,7 @@ class ChatService:
         parsers = [StreamingToolParser(set(mode.names)) if mode.parse_auto else None for _ in range(req.n)]
         held = [[] for _ in range(req.n)]  # forced/required tool calls: the text is only known whole
         calls_sent = [0] * req.n
-        prompt_tokens = output_tokens = 0
+        last = None
 
         def call_deltas(index: int, calls: list[ParsedToolCall]) -> dict[str, Any]:
             items = []
@@ -334,7 +330,7 @@ class ChatService:
             for i in range(req.n):
                 yield chunk([delta_choice(i, {"role": "assistant", "content": ""})])
             async for out in gen:
-                prompt_tokens, output_tokens = out.num_prompt_tokens, out.num_output_tokens
+                last = out
                 for c in out.outputs:
                     lp = {"content": chat_logprobs(c.logprobs, texts), "refusal": None} if req.logprobs and c.logprobs else None
                     parser = parsers[c.index]
@@ -370,12 +366,7 @@ class ChatService:
                         finish = _finish_reason(c.finish_reason, calls_sent[c.index] > 0)
                         yield chunk([delta_choice(c.index, {}, None, finish)])
             if include_usage:
-                usage = {
-                    "prompt_tokens": prompt_tokens,
-                    "completion_tokens": output_tokens,
-                    "total_tokens": prompt_tokens + output_tokens,
-                }
-                yield chunk([], usage)
+                yield chunk([], usage_body([last]))
             yield SSE_DONE
         except Exception as exc:  # headers are sent: the error can only travel in the stream
             yield stream_failure(exc, gen.request_id)

@@ -10,8 +10,13 @@ from fastapi.responses import JSONResponse, Response
 from starlette.requests import Request
 
 from jaxserve.server.errors import bad_request
-from jaxserve.server.generation import Generation, merge_generations, start_generations, until_disconnect
-from jaxserve.server.logprobs import TokenTexts, completion_logprobs, merge_completion_logprobs
+from jaxserve.server.generation import Generation, merge_generations, start_generations, until_disconnect, usage_body
+from jaxserve.server.logprobs import (
+    TokenTexts,
+    completion_logprobs,
+    merge_completion_logprobs,
+    prompt_completion_logprobs,
+)
 from jaxserve.server.protocol import CompletionRequest, new_id, now
 from jaxserve.server.request_params import (
     check_context,
@@ -24,6 +29,7 @@ from jaxserve.server.streaming import SSE_DONE, sse_event, sse_response, stream_
 
 if TYPE_CHECKING:
     from jaxserve.engine.async_engine import AsyncEngine
+    from jaxserve.engine.request import RequestOutput
 
 logger = logging.getLogger(__name__)
 
@@ -74,8 +80,9 @@ class CompletionService:
         texts = TokenTexts(engine.tokenizer)
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return sse_response(self._stream(gens, req, request_id, model, texts, echoes, include_usage))
-        body = await until_disconnect(http_request, self._complete(gens, req, request_id, model, texts, echoes))
+            return sse_response(self._stream(gens, req, request_id, model, texts, echoes, tokenized, include_usage))
+        body = await until_disconnect(http_request, self._complete(gens, req, request_id, model, texts, echoes,
+                                                                   tokenized))
         return JSONResponse(body)
 
     async def _tokenize(self, engine: "AsyncEngine", prompt: str | list[int]) -> list[int]:
@@ -100,6 +107,7 @@ class CompletionService:
         model: str,
         texts: TokenTexts,
         echoes: list[str],
+        prompt_ids: list[list[int]],
     ) -> dict[str, Any]:
         n = req.n
         choices = [_Choice() for _ in range(n * len(gens))]
@@ -107,10 +115,14 @@ class CompletionService:
             for i in range(n):
                 choices[k * n + i].text.append(echo)
                 choices[k * n + i].text_len = len(echo)
-        usage = [(0, 0)] * len(gens)
+        last: list[RequestOutput | None] = [None] * len(gens)
         try:
             async for k, out in merge_generations(gens):
-                usage[k] = (out.num_prompt_tokens, out.num_output_tokens)
+                last[k] = out
+                if out.prompt_logprobs is not None:  # echo + logprobs: the prompt's come first
+                    part = prompt_completion_logprobs(prompt_ids[k], out.prompt_logprobs, texts)
+                    for i in range(n):
+                        choices[k * n + i].logprob_parts.insert(0, part)
                 for c in out.outputs:
                     st = choices[k * n + c.index]
                     if c.logprobs:
@@ -122,8 +134,6 @@ class CompletionService:
         finally:
             for g in gens:
                 await g.close()
-        prompt_tokens = sum(p for p, _ in usage)
-        output_tokens = sum(o for _, o in usage)
         return {
             "id": request_id,
             "object": "text_completion",
@@ -140,11 +150,7 @@ class CompletionService:
                 }
                 for j, st in enumerate(choices)
             ],
-            "usage": {
-                "prompt_tokens": prompt_tokens,
-                "completion_tokens": output_tokens,
-                "total_tokens": prompt_tokens + output_tokens,
-            },
+            "usage": usage_body(last),
         }
 
     async def _stream(
@@ -155,14 +161,15 @@ class CompletionService:
         model: str,
         texts: TokenTexts,
         echoes: list[str],
+        prompt_ids: list[list[int]],
         include_usage: bool,
     ) -> AsyncIterator[bytes]:
         created = now()
         n = req.n
         offsets = [len(echoes[j // n]) for j in range(n * len(gens))]
-        usage = [(0, 0)] * len(gens)
+        last: list[RequestOutput | None] = [None] * len(gens)
 
-        def chunk(choices: list[dict[str, Any]], usage_body: dict[str, int] | None = None) -> bytes:
+        def chunk(choices: list[dict[str, Any]], usage: dict[str, Any] | None = None) -> bytes:
             payload: dict[str, Any] = {
                 "id": request_id,
                 "object": "text_completion",
@@ -172,15 +179,20 @@ class CompletionService:
                 "choices": choices,
             }
             if include_usage:
-                payload["usage"] = usage_body
+                payload["usage"] = usage
             return sse_event(payload)
 
         try:
+            scored = req.echo and req.logprobs is not None  # the echo waits for the prompt's logprobs
             for j in range(n * len(gens)):
-                if echoes[j // n]:
+                if echoes[j // n] and not scored:
                     yield chunk([{"index": j, "text": echoes[j // n], "logprobs": None, "finish_reason": None}])
             async for k, out in merge_generations(gens):
-                usage[k] = (out.num_prompt_tokens, out.num_output_tokens)
+                last[k] = out
+                if out.prompt_logprobs is not None:
+                    lp = prompt_completion_logprobs(prompt_ids[k], out.prompt_logprobs, texts)
+                    for i in range(n):
+                        yield chunk([{"index": k * n + i, "text": echoes[k], "logprobs": lp, "finish_reason": None}])
                 for c in out.outputs:
                     j = k * n + c.index
                     lp = completion_logprobs(c.logprobs, texts, offsets[j]) if c.logprobs else None
@@ -190,9 +202,7 @@ class CompletionService:
                     if c.finish_reason is not None:
                         yield chunk([{"index": j, "text": "", "logprobs": None, "finish_reason": c.finish_reason}])
             if include_usage:
-                p = sum(x for x, _ in usage)
-                o = sum(y for _, y in usage)
-                yield chunk([], {"prompt_tokens": p, "completion_tokens": o, "total_tokens": p + o})
+                yield chunk([], usage_body(last))
             yield SSE_DONE
         except Exception as exc:  # headers are sent: the error can only travel in the stream
             yield stream_failure(exc, request_id)

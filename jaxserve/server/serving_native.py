@@ -35,14 +35,28 @@ def _check_ids(ids: list[int], vocab: int, param: str) -> None:
 
 
 class _NativeChoice:
-    def __init__(self) -> None:
+    def __init__(self, prompt_ids: list[int], logprob_start_len: int = -1, with_top: bool = False) -> None:
+        self.prompt_ids = prompt_ids
+        self.logprob_start_len = logprob_start_len
+        self.with_top = with_top
         self.text = ""
         self.ids: list[int] = []
         self.logprobs: list[list[Any]] = []
         self.finish_reason: str | None = None
         self.stop_reason: int | str | None = None
+        # With return_logprob and logprob_start_len >= 0: SGLang's input_token_logprobs / input_top_logprobs.
+        self.input_logprobs: list[list[Any]] | None = None
+        self.input_top_logprobs: list[list[list[Any]] | None] | None = None
 
-    def meta(self, rid: str, prompt_tokens: int, with_logprobs: bool) -> dict[str, Any]:
+    def set_input_logprobs(self, entries: list[Any]) -> None:
+        """From the engine's prompt logprobs (None at position 0, which nothing predicts)."""
+        kept = list(enumerate(entries))[self.logprob_start_len:]
+        self.input_logprobs = [[e.logprob if e is not None else None, self.prompt_ids[pos], None] for pos, e in kept]
+        if self.with_top:
+            self.input_top_logprobs = [[[lp, tid, None] for tid, lp in e.top] if e is not None else None
+                                       for _, e in kept]
+
+    def meta(self, rid: str, prompt_tokens: int, cached_tokens: int, with_logprobs: bool) -> dict[str, Any]:
         finish: dict[str, Any] | None = None
         if self.finish_reason == "length":
             finish = {"type": "length", "length": len(self.ids)}
@@ -53,9 +67,14 @@ class _NativeChoice:
             "finish_reason": finish,
             "prompt_tokens": prompt_tokens,
             "completion_tokens": len(self.ids),
+            "cached_tokens": cached_tokens,
         }
         if with_logprobs:
             meta["output_token_logprobs"] = self.logprobs
+        if self.input_logprobs is not None:
+            meta["input_token_logprobs"] = self.input_logprobs
+            if self.input_top_logprobs is not None:
+                meta["input_top_logprobs"] = self.input_top_logprobs
         return meta
 
 
@@ -70,7 +89,8 @@ class NativeService:
         if (req.text is None) == (req.input_ids is None):
             raise bad_request("give exactly one of text or input_ids", param="text")
         logprobs = req.top_logprobs_num if req.return_logprob else None
-        params = native_sampling_params(req.sampling_params, logprobs, engine.tokenizer.vocab_size)
+        prompt_logprobs = logprobs if req.logprob_start_len >= 0 else None
+        params = native_sampling_params(req.sampling_params, logprobs, engine.tokenizer.vocab_size, prompt_logprobs)
         prompts, batched = self._prompts(req)
         if len(prompts) > MAX_PROMPTS_PER_REQUEST:
             raise bad_request(f"at most {MAX_PROMPTS_PER_REQUEST} prompts per request", param="text")
@@ -90,7 +110,8 @@ class NativeService:
         gen_ids = [f"{rid}-{k}" if batched else rid for k in range(len(token_lists))]
         gens = await start_generations(engine, self.state.metrics, token_lists, params, gen_ids,
                                        self.state.config.request_timeout_s)
-        choices = [[_NativeChoice() for _ in range(params.n)] for _ in gens]
+        choices = [[_NativeChoice(ids, req.logprob_start_len, req.top_logprobs_num > 0) for _ in range(params.n)]
+                   for ids in token_lists]
         if req.stream:
             return sse_response(self._stream(gens, choices, req.return_logprob))
         bodies = await until_disconnect(http_request, self._complete(gens, choices, req.return_logprob))
@@ -112,6 +133,9 @@ class NativeService:
 
     @staticmethod
     def _apply(choices: list[_NativeChoice], out: Any) -> list[int]:
+        if out.prompt_logprobs is not None:
+            for st in choices:
+                st.set_input_logprobs(out.prompt_logprobs)
         touched = []
         for c in out.outputs:
             st = choices[c.index]
@@ -125,21 +149,23 @@ class NativeService:
         return touched
 
     @staticmethod
-    def _body(st: _NativeChoice, index: int, rid: str, prompt_tokens: int, with_lp: bool) -> dict[str, Any]:
-        return {"index": index, "text": st.text, "output_ids": st.ids, "meta_info": st.meta(rid, prompt_tokens, with_lp)}
+    def _body(st: _NativeChoice, index: int, rid: str, out: Any, with_lp: bool) -> dict[str, Any]:
+        """One choice's response object; `out` is the generation's latest RequestOutput (for the usage)."""
+        meta = st.meta(rid, out.num_prompt_tokens, out.num_cached_tokens, with_lp)
+        return {"index": index, "text": st.text, "output_ids": st.ids, "meta_info": meta}
 
     async def _complete(self, gens: list[Generation], choices: list[list[_NativeChoice]], with_lp: bool) -> list[dict]:
-        prompt_tokens = [0] * len(gens)
+        last: list[Any] = [None] * len(gens)
         try:
             async for k, out in merge_generations(gens):
-                prompt_tokens[k] = out.num_prompt_tokens
+                last[k] = out
                 self._apply(choices[k], out)
         finally:
             for g in gens:
                 await g.close()
         n = len(choices[0])
         return [
-            self._body(st, k * n + i, gens[k].request_id, prompt_tokens[k], with_lp)
+            self._body(st, k * n + i, gens[k].request_id, last[k], with_lp)
             for k in range(len(gens))
             for i, st in enumerate(choices[k])
         ]
@@ -152,7 +178,7 @@ class NativeService:
         try:
             async for k, out in merge_generations(gens):
                 for i in self._apply(choices[k], out):
-                    body = self._body(choices[k][i], k * n + i, gens[k].request_id, out.num_prompt_tokens, with_lp)
+                    body = self._body(choices[k][i], k * n + i, gens[k].request_id, out, with_lp)
                     yield sse_event(body)
             yield SSE_DONE
         except Exception as exc:  # headers are sent: the error can only travel in the stream

@@ -1,0 +1,201 @@
+"""Prefix caching over KV pages: the radix tree and the allocator's hold accounting, cache on vs off giving
+identical greedy outputs under heavy prefix overlap with evictions, and the server's `cached_tokens`."""
+from __future__ import annotations
+
+import asyncio
+import random
+
+import httpx
+import pytest
+
+from jaxserve.engine.engine import LLMEngine
+from jaxserve.engine.kv_cache import PageAllocator
+from jaxserve.engine.prefix_cache import RadixPrefixCache
+from jaxserve.sampling.params import SamplingParams
+
+PS = 4
+
+
+def seq_pages(alloc: PageAllocator, n: int) -> list[int]:
+    return alloc.allocate(n)
+
+
+def test_allocator_hold_accounting():
+    alloc = PageAllocator(10)
+    pages = alloc.allocate(3)
+    alloc.hold(pages[0])
+    assert (alloc.num_used, alloc.num_cached, alloc.num_free) == (3, 0, 6)
+    alloc.free(pages)
+    assert (alloc.num_used, alloc.num_cached, alloc.num_free) == (0, 1, 8)
+    alloc.share([pages[0]])  # a later prompt reuses the cached page
+    assert (alloc.num_used, alloc.num_cached) == (1, 0)
+    alloc.free([pages[0]])
+    alloc.unhold(pages[0])
+    assert (alloc.num_used, alloc.num_cached, alloc.num_free) == (0, 0, 9)
+    with pytest.raises(RuntimeError):
+        alloc.hold(pages[0])  # nobody refers to it: it is free, not a page to cache
+
+
+def test_match_insert_and_lru_eviction():
+    alloc = PageAllocator(20)
+    cache = RadixPrefixCache(alloc, PS)
+    a = list(range(100, 113))  # 13 tokens: 3 full pages
+    pa = alloc.allocate(4)
+    cache.insert(a, pa)
+    alloc.free(pa)
+    assert alloc.num_cached == 3 and alloc.num_free == 16  # the partial 4th page went back at once
+    # At least one token is left to compute: 12 tokens match 2 pages, 13 match 3.
+    assert cache.match(a[:12]) == pa[:2]
+    assert cache.match(a) == pa[:3]
+    assert cache.match([1] + a[1:]) == []
+    assert cache.match(a, salt="tenant-b") == []  # salts never share
+    b = a[:8] + [7, 7, 7, 7, 7]  # shares two pages with a, then diverges
+    pb = list(pa[:2]) + alloc.allocate(2)
+    alloc.share(pa[:2])
+    cache.insert(b, pb)
+    alloc.free(pb)
+    assert cache.match(b) == pb[:3]
+    cache.match(a)  # a's branch is now the most recently used
+    assert cache.evict(1) == 1
+    assert cache.match(b) == pb[:2] and cache.match(a) == pa[:3]  # b's own leaf went first
+    in_use = cache.match(a)
+    alloc.share(in_use)  # a running sequence refers to a's pages: they cannot be evicted
+    assert cache.evict(10) == 0
+    alloc.free(in_use)
+    assert cache.flush() == 3 and alloc.num_free == alloc.num_usable
+
+
+@pytest.fixture(scope="module")
+def engines(tiny_engine_config):
+    on = LLMEngine(tiny_engine_config())
+    off = LLMEngine(tiny_engine_config(enable_prefix_cache=False))
+    assert off.scheduler.prefix_cache is None
+    return on, off
+
+
+def overlapping_workload(seed: int, count: int) -> list[tuple[int, list[int], SamplingParams]]:
+    """(arrival step, prompt, params): few shared system prefixes, repeated conversations, exact repeats."""
+    rng = random.Random(seed)
+    systems = [[rng.randrange(100, 49000) for _ in range(n)] for n in (33, 70, 129)]
+    history: list[list[int]] = []
+    out = []
+    for i in range(count):
+        r = rng.random()
+        if history and r < 0.2:
+            prompt = list(rng.choice(history))  # exact repeat
+        elif history and r < 0.5:
+            prompt = rng.choice(history) + [rng.randrange(100, 49000) for _ in range(rng.randint(1, 40))]
+        else:
+            prompt = rng.choice(systems) + [rng.randrange(100, 49000) for _ in range(rng.randint(1, 60))]
+        prompt = prompt[:400]
+        history.append(prompt)
+        params = SamplingParams(max_tokens=rng.randint(1, 12), temperature=0, n=2 if i % 17 == 0 else 1)
+        out.append((rng.randint(0, 3 * count), prompt, params))
+    return out
+
+
+def run(engine: LLMEngine, workload) -> dict[str, list[list[int]]]:
+    tokens = {f"w{i}": [[] for _ in range(p.n)] for i, (_, _, p) in enumerate(workload)}
+    pending = sorted(range(len(workload)), key=lambda i: workload[i][0])
+    done = 0
+    step = 0
+    while done < len(workload):
+        while pending and workload[pending[0]][0] <= step:
+            i = pending.pop(0)
+            engine.add_request(f"w{i}", workload[i][1], workload[i][2])
+        for out in engine.step():
+            assert out.error is None
+            for c in out.outputs:
+                tokens[out.request_id][c.index].extend(c.token_ids)
+            done += out.finished
+        step += 1
+        assert step < 100_000
+    while engine.has_work():
+        engine.step()
+    return tokens
+
+
+def test_cache_on_and_off_give_identical_greedy_outputs_with_evictions(engines):
+    on, off = engines
+    workload = overlapping_workload(seed=3, count=100)
+    with_cache = run(on, workload)
+    stats = on.stats()
+    assert with_cache == run(off, workload)
+    assert stats.num_prefix_hit_tokens_total > 0.3 * stats.num_prefix_query_tokens_total
+    assert stats.num_prefix_evicted_pages_total > 0, "the pool was meant to be small enough to evict"
+    # Idle: no request holds a page; the cache gives every page back when flushed.
+    assert on.allocator.num_used == 0 and off.allocator.num_used == 0
+    assert on.allocator.num_free + on.allocator.num_cached == on.allocator.num_usable
+    on.flush_prefix_cache()
+    assert on.allocator.num_free == on.allocator.num_usable and off.allocator.num_free == off.allocator.num_usable
+
+
+def test_a_repeated_prompt_reuses_all_but_its_last_page(engines):
+    on, _ = engines
+    prompt = list(range(1000, 1000 + 77))
+    run(on, [(0, prompt, SamplingParams(max_tokens=3, temperature=0))])
+    on.add_request("again", prompt, SamplingParams(max_tokens=3, temperature=0))
+    outs = []
+    while on.has_work():
+        outs += on.step()
+    ps = on.config.page_size
+    assert outs[-1].num_cached_tokens == (len(prompt) - 1) // ps * ps >= len(prompt) - ps
+    with pytest.raises(ValueError):
+        on.add_request("busy", prompt, SamplingParams(max_tokens=1))
+        on.flush_prefix_cache()
+    while on.has_work():
+        on.step()
+    on.flush_prefix_cache()
+
+
+# ---------------------------------------------------------------------------------------------- server
+
+def test_server_reports_cached_tokens_and_flushes(tiny_engine_config):
+    from jaxserve.config import ServerConfig
+    from jaxserve.engine.async_engine import AsyncEngine
+    from jaxserve.server.app import build_app
+    from jaxserve.server.streaming import parse_sse
+
+    aeng = AsyncEngine(LLMEngine(tiny_engine_config()))
+    asyncio.run(aeng.start())
+
+    async def never():
+        raise AssertionError
+
+    app = build_app(ServerConfig(engine=aeng.engine.config), never)
+    app.state.jaxserve.engine = aeng
+    system = {"role": "system", "content": "You are a helpful assistant. " * 12}
+    body = {"messages": [system, {"role": "user", "content": "Hi there"}], "max_tokens": 4, "temperature": 0}
+
+    async def go():
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t", timeout=120) as c:
+            first = (await c.post("/v1/chat/completions", json=body)).json()["usage"]
+            second = (await c.post("/v1/chat/completions", json=body)).json()["usage"]
+            streamed = await c.post("/v1/chat/completions",
+                                    json={**body, "stream": True, "stream_options": {"include_usage": True}})
+            salted = (await c.post("/v1/chat/completions", json={**body, "cache_salt": "other"})).json()["usage"]
+            completion = (await c.post("/v1/completions", json={"prompt": "Once upon a time " * 10, "max_tokens": 2,
+                                                                "n": 1, "temperature": 0})).json()
+            completion2 = (await c.post("/v1/completions", json={"prompt": "Once upon a time " * 10, "max_tokens": 2,
+                                                                 "temperature": 0})).json()
+            flushed = await c.post("/flush_cache")
+            after = (await c.post("/v1/chat/completions", json=body)).json()["usage"]
+            metrics = (await c.get("/metrics")).text
+            return first, second, streamed, salted, completion, completion2, flushed, after, metrics
+
+    try:
+        first, second, streamed, salted, _, completion2, flushed, after, metrics = asyncio.run(go())
+    finally:
+        asyncio.run(aeng.shutdown())
+    ps = aeng.engine.config.page_size
+    assert second["prompt_tokens"] == first["prompt_tokens"] > 3 * ps
+    assert second["prompt_tokens_details"]["cached_tokens"] >= second["prompt_tokens"] - ps
+    usage = [p for p in parse_sse(streamed.text)[:-1] if '"usage":{' in p][-1]
+    assert f'"cached_tokens":{second["prompt_tokens_details"]["cached_tokens"]}' in usage
+    assert salted["prompt_tokens_details"]["cached_tokens"] == 0
+    assert completion2["usage"]["prompt_tokens_details"]["cached_tokens"] >= completion2["usage"]["prompt_tokens"] - ps
+    assert flushed.status_code == 200 and flushed.json()["freed_pages"] > 0
+    assert after["prompt_tokens_details"]["cached_tokens"] == 0
+    hits = [line for line in metrics.splitlines() if line.startswith("jaxserve_prefix_cache_hit_tokens_total ")]
+    assert hits and float(hits[0].split()[1]) > 0
