@@ -2,16 +2,16 @@
 identical greedy outputs under heavy prefix overlap with evictions, and the server's `cached_tokens`."""
 from __future__ import annotations
 
-import asyncio
 import random
 
-import httpx
 import pytest
 
 from jaxserve.engine.engine import LLMEngine
 from jaxserve.engine.kv_cache import PageAllocator
 from jaxserve.engine.prefix_cache import RadixPrefixCache
 from jaxserve.sampling.params import SamplingParams
+
+from inprocess import call, make_app, started
 
 PS = 4
 
@@ -151,51 +151,33 @@ def test_a_repeated_prompt_reuses_all_but_its_last_page(engines):
 # ---------------------------------------------------------------------------------------------- server
 
 def test_server_reports_cached_tokens_and_flushes(tiny_engine_config):
-    from jaxserve.config import ServerConfig
-    from jaxserve.engine.async_engine import AsyncEngine
-    from jaxserve.server.app import build_app
     from jaxserve.server.streaming import parse_sse
 
-    aeng = AsyncEngine(LLMEngine(tiny_engine_config()))
-    asyncio.run(aeng.start())
-
-    async def never():
-        raise AssertionError
-
-    app = build_app(ServerConfig(engine=aeng.engine.config), never)
-    app.state.jaxserve.engine = aeng
     system = {"role": "system", "content": "You are a helpful assistant. " * 12}
     body = {"messages": [system, {"role": "user", "content": "Hi there"}], "max_tokens": 4, "temperature": 0}
-
-    async def go():
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://t", timeout=120) as c:
-            first = (await c.post("/v1/chat/completions", json=body)).json()["usage"]
-            second = (await c.post("/v1/chat/completions", json=body)).json()["usage"]
-            streamed = await c.post("/v1/chat/completions",
-                                    json={**body, "stream": True, "stream_options": {"include_usage": True}})
-            salted = (await c.post("/v1/chat/completions", json={**body, "cache_salt": "other"})).json()["usage"]
-            completion = (await c.post("/v1/completions", json={"prompt": "Once upon a time " * 10, "max_tokens": 2,
-                                                                "n": 1, "temperature": 0})).json()
-            completion2 = (await c.post("/v1/completions", json={"prompt": "Once upon a time " * 10, "max_tokens": 2,
-                                                                 "temperature": 0})).json()
-            flushed = await c.post("/flush_cache")
-            after = (await c.post("/v1/chat/completions", json=body)).json()["usage"]
-            metrics = (await c.get("/metrics")).text
-            return first, second, streamed, salted, completion, completion2, flushed, after, metrics
-
-    try:
-        first, second, streamed, salted, _, completion2, flushed, after, metrics = asyncio.run(go())
-    finally:
-        asyncio.run(aeng.shutdown())
+    chat = ("POST", "/v1/chat/completions", body)
+    completion = ("POST", "/v1/completions", {"prompt": "Once upon a time " * 10, "max_tokens": 2, "temperature": 0})
+    with started(LLMEngine(tiny_engine_config())) as aeng:
+        app = make_app(aeng)
+        (first,) = call(app, chat)
+        (second,) = call(app, chat)
+        streamed, salted = call(
+            app, ("POST", "/v1/chat/completions", {**body, "stream": True, "stream_options": {"include_usage": True}}),
+            ("POST", "/v1/chat/completions", {**body, "cache_salt": "other"}))
+        call(app, completion)
+        (completion2,) = call(app, completion)
+        (flushed,) = call(app, ("POST", "/flush_cache", None))
+        after, metrics = call(app, chat, ("GET", "/metrics", None))
+    first, second, salted, after = (r.json()["usage"] for r in (first, second, salted, after))
     ps = aeng.engine.config.page_size
     assert second["prompt_tokens"] == first["prompt_tokens"] > 3 * ps
     assert second["prompt_tokens_details"]["cached_tokens"] >= second["prompt_tokens"] - ps
     usage = [p for p in parse_sse(streamed.text)[:-1] if '"usage":{' in p][-1]
     assert f'"cached_tokens":{second["prompt_tokens_details"]["cached_tokens"]}' in usage
     assert salted["prompt_tokens_details"]["cached_tokens"] == 0
-    assert completion2["usage"]["prompt_tokens_details"]["cached_tokens"] >= completion2["usage"]["prompt_tokens"] - ps
+    usage = completion2.json()["usage"]
+    assert usage["prompt_tokens_details"]["cached_tokens"] >= usage["prompt_tokens"] - ps
     assert flushed.status_code == 200 and flushed.json()["freed_pages"] > 0
     assert after["prompt_tokens_details"]["cached_tokens"] == 0
-    hits = [line for line in metrics.splitlines() if line.startswith("jaxserve_prefix_cache_hit_tokens_total ")]
+    hits = [line for line in metrics.text.splitlines() if line.startswith("jaxserve_prefix_cache_hit_tokens_total ")]
     assert hits and float(hits[0].split()[1]) > 0

@@ -3,9 +3,6 @@ step, no new compilation), equal to transformers' log-softmax of the same prompt
 lm-evaluation-harness expects (`echo` + `logprobs` with `max_tokens: 0`) and as SGLang's /generate does."""
 from __future__ import annotations
 
-import asyncio
-
-import httpx
 import numpy as np
 import pytest
 
@@ -14,6 +11,8 @@ from transformers import AutoModelForCausalLM
 
 from jaxserve.engine.engine import LLMEngine
 from jaxserve.sampling.params import SamplingParams
+
+from inprocess import call, make_app, started
 
 
 def hf_prompt_logprobs(path, ids: list[int]) -> np.ndarray:
@@ -77,38 +76,20 @@ def test_prompt_logprobs_match_transformers(family, tiny_model_dir, tiny_engine_
 
 def test_completions_echo_logprobs_and_generate_input_logprobs(tiny_engine_config):
     """lm-evaluation-harness's loglikelihood request: echo, logprobs, max_tokens 0."""
-    from jaxserve.config import ServerConfig
-    from jaxserve.engine.async_engine import AsyncEngine
-    from jaxserve.server.app import build_app
-
-    aeng = AsyncEngine(LLMEngine(tiny_engine_config()))
-    asyncio.run(aeng.start())
-
-    async def never():
-        raise AssertionError
-
-    app = build_app(ServerConfig(engine=aeng.engine.config), never)
-    app.state.jaxserve.engine = aeng
     prompt = "The quick brown fox jumps over the lazy dog"
-
-    async def go():
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://t", timeout=120) as c:
-            scored = await c.post("/v1/completions", json={"prompt": prompt, "echo": True, "logprobs": 1,
-                                                           "max_tokens": 0, "temperature": 0})
-            streamed = await c.post("/v1/completions", json={"prompt": prompt, "echo": True, "logprobs": 0,
-                                                             "max_tokens": 2, "temperature": 0, "stream": True})
-            native = await c.post("/generate", json={"text": prompt, "return_logprob": True, "logprob_start_len": 2,
-                                                     "top_logprobs_num": 2,
-                                                     "sampling_params": {"max_new_tokens": 1, "temperature": 0}})
-            refused = await c.post("/v1/completions", json={"prompt": prompt, "max_tokens": 0})
-            tokens = (await c.post("/v1/tokenize", json={"prompt": prompt})).json()["tokens"]
-            return scored, streamed, native, refused, tokens
-
-    try:
-        scored, streamed, native, refused, tokens = asyncio.run(go())
-    finally:
-        asyncio.run(aeng.shutdown())
+    with started(LLMEngine(tiny_engine_config())) as aeng:
+        scored, streamed, native, refused, tokens = call(
+            make_app(aeng),
+            ("POST", "/v1/completions", {"prompt": prompt, "echo": True, "logprobs": 1, "max_tokens": 0,
+                                         "temperature": 0}),
+            ("POST", "/v1/completions", {"prompt": prompt, "echo": True, "logprobs": 0, "max_tokens": 2,
+                                         "temperature": 0, "stream": True}),
+            ("POST", "/generate", {"text": prompt, "return_logprob": True, "logprob_start_len": 2,
+                                   "top_logprobs_num": 2, "sampling_params": {"max_new_tokens": 1, "temperature": 0}}),
+            ("POST", "/v1/completions", {"prompt": prompt, "max_tokens": 0}),
+            ("POST", "/v1/tokenize", {"prompt": prompt}),
+        )
+    tokens = tokens.json()["tokens"]
     assert scored.status_code == 200, scored.text
     choice = scored.json()["choices"][0]
     assert choice["text"] == prompt and choice["finish_reason"] == "length"

@@ -5,7 +5,6 @@ prompts enters the engine at once. The process-level drain on SIGTERM is tested 
 server."""
 from __future__ import annotations
 
-import asyncio
 import json
 import signal
 import time
@@ -13,45 +12,25 @@ import time
 import httpx
 import pytest
 
-from jaxserve.config import ServerConfig
 from jaxserve.engine.async_engine import AsyncEngine
 from jaxserve.engine.engine import LLMEngine
-from jaxserve.server.app import build_app
 from jaxserve.server.streaming import parse_sse
+
+from inprocess import call, make_app, started
 
 USER = [{"role": "user", "content": "Tell me a story."}]
 
 
 @pytest.fixture(scope="module")
 def engine(tiny_engine_config) -> AsyncEngine:
-    aeng = AsyncEngine(LLMEngine(tiny_engine_config()))
-    asyncio.run(aeng.start())
-    yield aeng
-    asyncio.run(aeng.shutdown())
+    with started(LLMEngine(tiny_engine_config())) as aeng:
+        yield aeng
 
 
 @pytest.fixture(autouse=True)
 def no_faults(engine):
     yield
     engine.engine.fault_hook = None
-
-
-def make_app(engine: AsyncEngine, **server_options):
-    async def never_called():
-        raise AssertionError("the engine is set directly")
-
-    app = build_app(ServerConfig(engine=engine.engine.config, **server_options), never_called)
-    app.state.jaxserve.engine = engine
-    return app
-
-
-def call(app, *requests: tuple[str, str, dict]) -> list[httpx.Response]:
-    """Send the requests concurrently to the app; their responses in order."""
-    async def go():
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=120) as client:
-            return await asyncio.gather(*(client.request(method, path, json=body) for method, path, body in requests))
-    return asyncio.run(go())
 
 
 def chat(**fields) -> tuple[str, str, dict]:
@@ -161,10 +140,8 @@ def test_batched_prompts_enter_the_engine_together(engine):
 def test_a_dead_engine_turns_health_503_and_answers_everyone(tiny_engine_config):
     inner = LLMEngine(tiny_engine_config())
     inner.warmup = lambda progress=None: 0.0  # never steps for real
-    aeng = AsyncEngine(inner, watchdog_interval_s=0.05)
-    asyncio.run(aeng.start())
-    app = make_app(aeng)
-    try:
+    with started(inner, watchdog_interval_s=0.05) as aeng:
+        app = make_app(aeng)
         (health,) = call(app, ("GET", "/health", None))
         assert health.status_code == 200
 
@@ -176,15 +153,11 @@ def test_a_dead_engine_turns_health_503_and_answers_everyone(tiny_engine_config)
 
         inner.step = step
         waiting, streamed = call(app, chat(), chat(stream=True))
-        for resp in (waiting, streamed):
-            if resp.status_code == 200:  # streamed: headers were not sent before the first output
-                raise AssertionError(resp.text)
-            assert resp.status_code == 503 and "Crash" in resp.json()["error"]["message"]
+        for resp in (waiting, streamed):  # a stream's headers wait for its first output: a plain 503
+            assert resp.status_code == 503 and "Crash" in resp.json()["error"]["message"], resp.text
         health, refused = call(app, ("GET", "/health", None), chat())
         assert health.status_code == 503 and "Crash" in health.json()["reason"]
         assert refused.status_code == 503 and refused.json()["error"]["code"] == "engine_unavailable"
-    finally:
-        asyncio.run(aeng.shutdown())
 
 
 # ------------------------------------------------------------------------------- the real process: drain
