@@ -91,7 +91,7 @@ def test_llama_8b_every_program_compiles_within_hbm(target):
     if report.target.platform == "tpu":  # libtpu gives costs, the kernel's included (pl.CostEstimate)
         decode = [r for r in report.results if r.kind == "forward-decode"]
         assert all(r.flops and r.bytes_accessed for r in decode)
-        assert report.roofline[0]["source"].startswith("compiled")
+        assert report.roofline[0]["compiled"] == "ok"
 
 
 @needs_tpu
