@@ -23,7 +23,8 @@ def _has_libtpu() -> bool:
 
 
 def _has_cuda_plugin() -> bool:
-    if not any(importlib.util.find_spec(m) for m in ("jax_plugins.xla_cuda13", "jax_plugins.xla_cuda12")):
+    if importlib.util.find_spec("jax_plugins") is None or not any(
+            importlib.util.find_spec(m) for m in ("jax_plugins.xla_cuda13", "jax_plugins.xla_cuda12")):
         return False
     nvidia = importlib.util.find_spec("nvidia")
     roots = list(nvidia.submodule_search_locations or []) if nvidia else []
