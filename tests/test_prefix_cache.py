@@ -181,3 +181,34 @@ def test_server_reports_cached_tokens_and_flushes(tiny_engine_config):
     assert after["prompt_tokens_details"]["cached_tokens"] == 0
     hits = [line for line in metrics.text.splitlines() if line.startswith("jaxserve_prefix_cache_hit_tokens_total ")]
     assert hits and float(hits[0].split()[1]) > 0
+
+
+def test_admission_prefers_cached_prefixes_within_a_bounded_wait():
+    import time
+
+    from jaxserve.engine.request import Sequence
+    from jaxserve.engine.scheduler import Scheduler, SchedulerLimits
+
+    alloc = PageAllocator(32)
+    cache = RadixPrefixCache(alloc, PS)
+    limits = SchedulerLimits(max_running=4, max_prefill_tokens=64, max_prefill_rows=4, max_chunk=64, page_size=PS,
+                             max_prefix_wait_s=0.5)
+    sched = Scheduler(limits, alloc, cache)
+    shared = list(range(200, 212))
+    pages = alloc.allocate(3)
+    cache.insert(shared, pages)
+    alloc.free(pages)
+
+    def seq(i: int, prompt: list[int], **params) -> Sequence:
+        return Sequence(seq_id=i, request_id=f"s{i}", index=0, prompt_ids=prompt,
+                        params=SamplingParams(max_tokens=1, **params), seed=0, max_tokens=1)
+
+    cold, warm, penalised = seq(0, [9] * 13), seq(1, shared + [5]), seq(2, shared + [6], repetition_penalty=1.1)
+    for s in (cold, penalised, warm):
+        sched.add(s)
+    assert sched._admission_order() == [warm, cold, penalised]  # a penalised prompt is computed in full anyway
+    cold.arrival = time.monotonic() - 1.0  # waited past the bound: FCFS again, ahead of everyone
+    assert sched._admission_order() == [cold, warm, penalised]
+    step = sched.schedule()
+    assert [c.seq for c in step.prefill][:2] == [cold, warm]
+    assert warm.num_cached_tokens == 12 and warm.num_computed == 12

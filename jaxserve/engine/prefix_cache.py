@@ -78,6 +78,18 @@ class RadixPrefixCache:
         self.num_hit_tokens += len(pages) * self.page_size
         return pages
 
+    def cached_tokens(self, tokens: list[int], salt: str | None = None) -> int:
+        """How many leading tokens `match` would reuse now (a read-only look: no statistics, no LRU touch)."""
+        node = self._roots.get(salt)
+        count = 0
+        if node is not None:
+            for key in self._keys(tokens, max(len(tokens) - 1, 0) // self.page_size):
+                node = node.children.get(key)
+                if node is None:
+                    break
+                count += self.page_size
+        return count
+
     def insert(self, tokens: list[int], pages: list[int], salt: str | None = None) -> None:
         """Cache the full pages of `tokens` (whose KV is in `pages`, which a sequence still refers to)."""
         node = self._root(salt)

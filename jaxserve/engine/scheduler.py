@@ -8,6 +8,7 @@ sequence requeued at the front for recompute), so nothing is lost and nothing de
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -53,6 +54,11 @@ class SchedulerLimits:
     page_size: int
     # rows -> the longest chunk a prefill call with that many rows can hold (the runner's shape buckets)
     prefill_tokens_for_rows: tuple[int, ...] = ()
+    # With a prefix cache, admission prefers (among the first `prefix_lookahead` waiting requests) those
+    # with the longest cached prefix: their prefill is shorter and their pages are not evicted meanwhile.
+    # A request waiting longer than `max_prefix_wait_s` (or one preempted before) is admitted in FCFS order.
+    prefix_lookahead: int = 32
+    max_prefix_wait_s: float = 2.0
 
     def chunk_cap(self, rows: int) -> int:
         if not self.prefill_tokens_for_rows:
@@ -145,7 +151,7 @@ class Scheduler:
                 continue
             out.prefill.append(self._with_prompt_logprobs(chunk))
             budget -= chunk.length
-        for seq in list(self.waiting):
+        for seq in self._admission_order():
             if budget <= 0 or len(out.prefill) >= self.limits.max_prefill_rows or len(self.running) >= self.limits.max_running:
                 break
             if seq.num_pending:
@@ -160,10 +166,7 @@ class Scheduler:
             seq.slot = slot
             if leader is not None and leader.status is SeqStatus.RUNNING and not seq.output_ids:
                 self._fork_prompt(seq, leader, out)
-            elif (self.prefix_cache is not None and seq.params.repetition_penalty == 1.0
-                  and seq.params.prompt_logprobs is None):
-                # (Repetition penalties need every prompt token in the slot's penalty state, prompt
-                # logprobs every prompt position's logits: those prompts are computed in full.)
+            elif self._may_reuse_prefix(seq):
                 self._reuse_prefix(seq)
             forked = bool(out.slot_forks) and out.slot_forks[-1][2] is seq
             chunk = self._chunk(seq, budget, self._cap(out))
@@ -210,6 +213,29 @@ class Scheduler:
             seq.pages.append(page)
         seq.num_computed = shared
         out.slot_forks.append((leader.slot, seq.slot, seq))
+
+    def _admission_order(self) -> list[Sequence]:
+        """FCFS, except that with a prefix cache the longest cached prefixes go first within a bounded
+        look-ahead; overdue and preempted requests keep their FCFS place ahead of that."""
+        waiting = list(self.waiting)
+        if self.prefix_cache is None or len(waiting) < 2:
+            return waiting
+        oldest = time.monotonic() - self.limits.max_prefix_wait_s
+        overdue = [s for s in waiting if s.arrival < oldest or s.num_preemptions]
+        others = [s for s in waiting if not (s.arrival < oldest or s.num_preemptions)]
+        head, tail = others[:self.limits.prefix_lookahead], others[self.limits.prefix_lookahead:]
+        def reusable(seq: Sequence) -> int:
+            return self.prefix_cache.cached_tokens(seq.prompt_ids, seq.params.cache_salt) \
+                if self._may_reuse_prefix(seq) else 0
+
+        head.sort(key=lambda s: -reusable(s))  # stable: FCFS among equals
+        return overdue + head + tail
+
+    def _may_reuse_prefix(self, seq: Sequence) -> bool:
+        # Repetition penalties need every prompt token in the slot's penalty state, prompt logprobs every
+        # prompt position's logits: those prompts are computed in full.
+        return (self.prefix_cache is not None and seq.params.repetition_penalty == 1.0
+                and seq.params.prompt_logprobs is None)
 
     @staticmethod
     def _needs_prompt_logprobs(seq: Sequence) -> bool:
