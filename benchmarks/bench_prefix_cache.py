@@ -35,14 +35,8 @@ import random
 import tempfile
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
-# As tests/conftest.py: with the test extra's libtpu / CUDA plugin installed on a machine without a chip,
-# do not let jax probe for one (a lent GPU/TPU keeps its backend).
-if "JAX_PLATFORMS" not in os.environ and not any(
-        Path("/dev").glob(p) for p in ("nvidia[0-9]*", "accel[0-9]*", "vfio/[0-9]*")):
-    os.environ["JAX_PLATFORMS"] = "cpu"
-
+import jaxserve  # noqa: F401  (first: without a chip it pins JAX to the CPU; see jaxserve/platforms.py)
 import jax  # noqa: E402
 
 from jaxserve.config import EngineConfig  # noqa: E402

@@ -4,6 +4,10 @@ from __future__ import annotations
 from typing import Any
 
 __version__ = "0.1.0"
+
+from jaxserve.platforms import default_to_cpu_without_accelerator
+
+default_to_cpu_without_accelerator()  # before anything of jaxserve imports JAX
 __all__ = ["LLM", "SamplingParams", "Constraint", "__version__"]
 
 

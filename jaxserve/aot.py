@@ -18,7 +18,6 @@ programs on one chip of its topology, and the report says whether the model need
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import math
 import os
@@ -160,18 +159,6 @@ def load_model_config(name_or_path: str):
 
 
 # -- KV pool sizing (SGLang's --mem-fraction-static meaning) ------------------------------------------
-def kv_cache_pages(total_memory: int, weight_bytes: int, kv_memory_fraction: float, bytes_per_page: int,
-                   max_pages: int | None = None) -> int:
-    """Pages of the KV pool when `kv_memory_fraction` of the device's total memory holds weights + KV cache
-    (SGLang's meaning; the rest is left to activations, the sampler's state and the grammar tables).
-    Includes the null page; 0 when the weights alone exceed the share."""
-    budget = int(total_memory * kv_memory_fraction) - weight_bytes
-    pages = max(0, budget // bytes_per_page)
-    if max_pages is not None:
-        pages = min(pages, max_pages)
-    return pages
-
-
 # -- the engine's programs, abstractly -----------------------------------------------------------------
 @dataclass
 class Program:
@@ -232,9 +219,9 @@ def engine_shape(cfg, chip: Chip, *, kv_memory_fraction: float, dtype: str = "bf
                  max_running_requests: int | None = None, max_num_batched_tokens: int | None = None,
                  page_size: int = 16, num_pages: int | None = None) -> EngineShape:
     """The engine's shape on `chip`, as the engine derives it (accelerator defaults, the runner's buckets) with
-    the KV pool sized by `kv_cache_pages`."""
+    the KV pool sized by `engine.kv_cache.kv_cache_pages`, as the engine sizes it on a device."""
     from jaxserve.config import EngineConfig
-    from jaxserve.engine.kv_cache import kv_bytes_per_page
+    from jaxserve.engine.kv_cache import kv_bytes_per_page, kv_cache_pages
     from jaxserve.engine.runner import Buckets
 
     ecfg = EngineConfig(max_model_len=max_model_len, max_running_requests=max_running_requests,
@@ -419,8 +406,6 @@ def roofline(cfg, chip: Chip, results: list[Compiled], shape: EngineShape, batch
     bytes counted from the model's shapes (every weight read once per step, each row's KV over `context`).
     XLA's cost analysis of the compiled decode program is reported beside it but not used: it counts the body
     of the layer scan (a while loop) once, not once per layer, so it undercounts weights and KV by ~L x."""
-    from jaxserve.engine.runner import _first_at_least
-
     b = shape.buckets
     pages = math.ceil(context / shape.engine_config.page_size)
     by = {(r.kind, r.shape): r for r in results if not r.error}

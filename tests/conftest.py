@@ -2,19 +2,15 @@
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 from typing import Callable
 
 import pytest
 
 # The test extra installs libtpu and the CUDA plugin (for tests/test_aot.py's deviceless compiles); on a
-# machine without a chip they must not make every test probe for one. A lent GPU/TPU keeps its backend.
-if not any(any(Path("/dev").glob(p)) for p in ("nvidia[0-9]*", "accel[0-9]*", "vfio/[0-9]*")):
-    if "JAX_PLATFORMS" not in os.environ:
-        os.environ["JAX_PLATFORMS"] = "cpu"
-        if "jax" in sys.modules:  # a pytest plugin imported jax first: its config already read the variable
-            sys.modules["jax"].config.update("jax_platforms", "cpu")
+# machine without a chip they must not make every test probe for one (importing jaxserve pins JAX to the
+# CPU there, and the servers the tests start inherit it). A lent GPU/TPU keeps its backend.
+import jaxserve  # noqa: E402,F401
 
 
 def pytest_configure(config):

@@ -84,7 +84,7 @@ def test_llama_8b_every_program_compiles_within_hbm(target):
     assert len(report.results) == 19
     # The decode programs do not copy the cache: their temporaries stay far below the KV pool the chip holds
     # at this fraction (the compact engine caps its own pool at 8 x 1,024 tokens).
-    from jaxserve.aot import kv_cache_pages
+    from jaxserve.engine.kv_cache import kv_cache_pages
 
     chip_pool = kv_cache_pages(report.target.chip.hbm_bytes, report.shape.weight_bytes, 0.85,
                                report.shape.bytes_per_page) * report.shape.bytes_per_page
@@ -155,7 +155,7 @@ def test_negative_control_shared_memory_over_the_limit_is_rejected():
 
 
 def test_kv_pool_uses_sglang_fraction_of_total_memory():
-    from jaxserve.aot import kv_cache_pages
+    from jaxserve.engine.kv_cache import kv_cache_pages
 
     gib = 1024**3
     assert kv_cache_pages(32 * gib, 15 * gib, 0.85, 2 * 1024**2) == (int(32 * gib * 0.85) - 15 * gib) // (2 * 1024**2)

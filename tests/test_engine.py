@@ -301,3 +301,32 @@ def test_overlapped_and_synchronous_steps_give_the_same_tokens(engine, tiny_engi
                 for i in range(12)}
     assert run_to_completion(sync, requests) == run_to_completion(engine, requests)
     assert sync.allocator.num_used == 0 and engine.allocator.num_used == 0
+
+
+def test_kv_pool_on_an_accelerator_is_a_share_of_device_memory_for_weights_and_kv(engine, monkeypatch):
+    """--kv-memory-fraction has SGLang's meaning: weights + KV within that share of the device's memory (the
+    AOT report sizes the pool the same way), capped at what the running requests' full contexts need."""
+    import dataclasses
+    import math
+
+    from jaxserve.engine.kv_cache import kv_bytes_per_page
+
+    class Device:
+        def __init__(self, limit: int) -> None:
+            self.limit = limit
+
+        def memory_stats(self):
+            return {"bytes_limit": self.limit, "bytes_in_use": self.limit // 2}  # in use does not matter
+
+    cfg = dataclasses.replace(engine.config, num_pages=None, kv_memory_fraction=0.5)
+    monkeypatch.setattr(engine, "config", cfg)
+    per_page = kv_bytes_per_page(engine.model_config, cfg.page_size, 4)
+    full = cfg.max_running_requests * math.ceil(engine.max_model_len / cfg.page_size) + 1
+    weights = 10 * per_page
+    monkeypatch.setattr(jax, "devices", lambda *a: [Device(60 * per_page)])
+    assert engine._num_pages("gpu", weights) == 20  # 30 pages of budget, 10 taken by the weights
+    monkeypatch.setattr(jax, "devices", lambda *a: [Device(10_000 * per_page)])
+    assert engine._num_pages("tpu", weights) == full
+    monkeypatch.setattr(jax, "devices", lambda *a: [Device(20 * per_page)])
+    with pytest.raises(ValueError, match="kv-memory-fraction"):
+        engine._num_pages("gpu", weights)

@@ -18,7 +18,7 @@ import jax
 import numpy as np
 
 from jaxserve.config import EngineConfig, ModelConfig, cache_dir
-from jaxserve.engine.kv_cache import PageAllocator, kv_bytes_per_page
+from jaxserve.engine.kv_cache import PageAllocator, kv_bytes_per_page, kv_cache_pages
 from jaxserve.engine.prefix_cache import RadixPrefixCache
 from jaxserve.engine.request import (
     CompletionOutput,
@@ -125,7 +125,8 @@ class LLMEngine:
             raise ValueError(f"max_model_len {requested_len} exceeds the model's {cfg.max_position_embeddings} positions")
         self.max_model_len = min(config.max_model_len, cfg.max_position_embeddings)
         self.end_token_ids = tuple(sorted(set(cfg.eos_token_ids) | set(self.tokenizer.eos_token_ids)))
-        num_pages = self._num_pages(platform)
+        params = parts.params if parts.params is not None else load_params(Path(parts.path), cfg, self.dtype)
+        num_pages = self._num_pages(platform, sum(int(x.nbytes) for x in jax.tree.leaves(params)))
         self.allocator = PageAllocator(num_pages)
         from jaxserve.constrained.tables import GrammarPool
 
@@ -133,7 +134,6 @@ class LLMEngine:
             config.grammar_capacity_states, cfg.vocab_size, min(self.tokenizer.vocab_size, cfg.vocab_size),
             class_map_slots=config.grammar_class_map_slots, next_capacity=config.grammar_next_capacity,
         )
-        params = parts.params if parts.params is not None else load_params(Path(parts.path), cfg, self.dtype)
         self.runner = ModelRunner(
             cfg, params, config, dtype=self.dtype, num_pages=num_pages, max_model_len=self.max_model_len,
             end_token_ids=self.end_token_ids, grammar_tables_fn=lambda: self.grammar_pool.tables,
@@ -170,7 +170,10 @@ class LLMEngine:
         log.info("model %s (%s, %s), %d KV pages of %d tokens, attention %s", parts.path, cfg.family,
                  self.dtype, num_pages, config.page_size, self.runner.attention_name)
 
-    def _num_pages(self, platform: str) -> int:
+    def _num_pages(self, platform: str, weight_bytes: int) -> int:
+        """The KV pool: `num_pages` if given; on CPU what fits CPU_KV_BYTES_CAP; on an accelerator
+        `kv_memory_fraction` of the device memory JAX may use holds weights + KV (SGLang's meaning; the
+        AOT report sizes it the same way), capped at what max_running_requests full contexts need."""
         cfg, ps = self.config, self.config.page_size
         if cfg.num_pages is not None:
             if cfg.num_pages < 2:
@@ -185,8 +188,13 @@ class LLMEngine:
         limit = stats.get("bytes_limit")
         if not limit:
             return full
-        free = limit - stats.get("bytes_in_use", 0)
-        return max(2, min(full, int(free * cfg.kv_memory_fraction) // per_page))
+        pages = kv_cache_pages(limit, weight_bytes, cfg.kv_memory_fraction, per_page, max_pages=full)
+        if pages < 2:
+            raise ValueError(
+                f"the weights ({weight_bytes / 2**30:.1f} GiB) leave no KV cache within kv_memory_fraction "
+                f"{cfg.kv_memory_fraction} of the device's {limit / 2**30:.1f} GiB; raise --kv-memory-fraction "
+                f"or use tensor parallelism")
+        return pages
 
     # -- requests --------------------------------------------------------------------------------
     def validate(self, prompt_ids: list[int], params: SamplingParams) -> int:

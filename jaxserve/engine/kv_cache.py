@@ -35,6 +35,18 @@ def kv_bytes_per_page(cfg: ModelConfig, page_size: int, dtype_bytes: int) -> int
     return 2 * cfg.num_layers * cfg.num_kv_heads * page_size * cfg.head_dim * dtype_bytes
 
 
+def kv_cache_pages(total_memory: int, weight_bytes: int, kv_memory_fraction: float, bytes_per_page: int,
+                   max_pages: int | None = None) -> int:
+    """Pages of the KV pool when `kv_memory_fraction` of the device's total memory holds weights + KV cache
+    (SGLang's meaning; the rest is left to activations, the sampler's state and the grammar tables).
+    Includes the null page; 0 when the weights alone exceed the share."""
+    budget = int(total_memory * kv_memory_fraction) - weight_bytes
+    pages = max(0, budget // bytes_per_page)
+    if max_pages is not None:
+        pages = min(pages, max_pages)
+    return pages
+
+
 class OutOfPages(Exception):
     """Raised by the allocator when a request needs more pages than are free."""
 
