@@ -212,3 +212,23 @@ def test_admission_prefers_cached_prefixes_within_a_bounded_wait():
     step = sched.schedule()
     assert [c.seq for c in step.prefill][:2] == [cold, warm]
     assert warm.num_cached_tokens == 12 and warm.num_computed == 12
+
+
+def test_a_running_requests_prompt_is_reused_before_it_finishes(engines):
+    on, _ = engines
+    on.flush_prefix_cache()
+    shared = list(range(3000, 3000 + 100))
+    on.add_request("long", shared + [7], SamplingParams(max_tokens=40, temperature=0, ignore_eos=True))
+    before = on.stats()
+    outs = []
+    while not any(o.outputs and o.outputs[0].token_ids for o in outs):
+        outs += on.step()
+    on.add_request("later", shared + [8], SamplingParams(max_tokens=2, temperature=0))
+    later = []
+    while on.has_work():
+        later += [o for o in on.step() if o.request_id == "later"]
+    ps = on.config.page_size
+    assert later[-1].num_cached_tokens == len(shared) // ps * ps  # "long" was still generating
+    stats = on.stats()
+    # Each admitted prompt counts once in the hit statistics.
+    assert stats.num_prefix_query_tokens_total - before.num_prefix_query_tokens_total == 2 * (len(shared) + 1)

@@ -510,6 +510,9 @@ class LLMEngine:
                 continue
             if emits:
                 done.append(seq)
+                if seq.num_resolved == 1 and not seq.is_finished and seq.leader is None:
+                    # Its prompt's KV is in the cache now (the step that computed it has been read).
+                    self.scheduler.cache_prompt(seq)
         return done
 
     @staticmethod

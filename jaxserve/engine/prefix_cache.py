@@ -63,8 +63,6 @@ class RadixPrefixCache:
         """Pages of the longest cached prefix of `tokens` in whole pages, leaving at least one token to
         compute. The caller takes its own references (`allocator.share`)."""
         usable = max(len(tokens) - 1, 0) // self.page_size
-        self.num_queries += 1
-        self.num_query_tokens += len(tokens)
         node = self._roots.get(salt)
         pages: list[int] = []
         if node is not None:
@@ -75,8 +73,13 @@ class RadixPrefixCache:
                     break
                 node.last_use = now
                 pages.append(node.page)
-        self.num_hit_tokens += len(pages) * self.page_size
         return pages
+
+    def record(self, query_tokens: int, hit_tokens: int) -> None:
+        """Count one admitted prompt's lookup (an admission retried for want of pages counts once)."""
+        self.num_queries += 1
+        self.num_query_tokens += query_tokens
+        self.num_hit_tokens += hit_tokens
 
     def cached_tokens(self, tokens: list[int], salt: str | None = None) -> int:
         """How many leading tokens `match` would reuse now (a read-only look: no statistics, no LRU touch)."""

@@ -164,10 +164,11 @@ class Scheduler:
                     continue  # wait for the leader to compute the shared prompt
             slot = self._free_slots.pop()
             seq.slot = slot
+            reused = None
             if leader is not None and leader.status is SeqStatus.RUNNING and not seq.output_ids:
                 self._fork_prompt(seq, leader, out)
             elif self._may_reuse_prefix(seq):
-                self._reuse_prefix(seq)
+                reused = self._reuse_prefix(seq)
             forked = bool(out.slot_forks) and out.slot_forks[-1][2] is seq
             chunk = self._chunk(seq, budget, self._cap(out))
             if chunk is None:
@@ -178,6 +179,8 @@ class Scheduler:
             self.waiting.remove(seq)
             seq.status = SeqStatus.RUNNING
             self.running.append(seq)
+            if reused is not None:
+                self.prefix_cache.record(len(seq.prompt_ids), reused)
             out.prefill.append(self._with_prompt_logprobs(dataclasses.replace(chunk, first=not forked)))
             budget -= chunk.length
         if out.empty and blocked and len(self.running) > 1:
@@ -254,15 +257,24 @@ class Scheduler:
             self.prefix_cache.evict(short)
         return pages <= self.allocator.num_free
 
-    def _reuse_prefix(self, seq: Sequence) -> None:
-        """Start a newly admitted sequence after the longest cached prefix of its prompt."""
+    def _reuse_prefix(self, seq: Sequence) -> int:
+        """Start a newly admitted sequence after the longest cached prefix of its prompt; returns the tokens
+        reused."""
         pages = self.prefix_cache.match(seq.prompt_ids, seq.params.cache_salt)
+        reused = len(pages) * self.limits.page_size
         if seq.num_preemptions == 0:
-            seq.num_cached_tokens = len(pages) * self.limits.page_size
+            seq.num_cached_tokens = reused
         if pages:
             self.allocator.share(pages)
             seq.pages = list(pages)
-            seq.num_computed = len(pages) * self.limits.page_size
+            seq.num_computed = reused
+        return reused
+
+    def cache_prompt(self, seq: Sequence) -> None:
+        """Offer a prompt's full pages to the prefix cache as soon as its KV is computed (its first token is
+        read), so requests arriving while it still generates reuse it."""
+        if self.prefix_cache is not None and seq.pages:
+            self.prefix_cache.insert(seq.prompt_ids, seq.pages, seq.params.cache_salt)
 
     def cache_finished(self, seq: Sequence) -> None:
         """Offer a finished sequence's computed full pages to the prefix cache (before it releases them)."""
