@@ -12,6 +12,7 @@ from functools import partial
 from typing import Callable
 
 import jax
+import jax.numpy as jnp
 
 from jaxserve.engine.kv_cache import PagedKVCache
 
@@ -37,15 +38,41 @@ class PagedCacheOps:
     sliding_window: int | None = None
 
     def update_and_attend(self, q, k, v, cache: PagedKVCache, layer, meta: PagedMeta):
-        # Advanced indices (layer, page, offset) around a full slice: the indexed block is [B, T, KV, D],
-        # exactly the layout of k and v, so this is one in-place scatter into the donated cache.
-        kc = cache.k.at[layer, :, meta.slot_page, meta.slot_offset].set(k.astype(cache.k.dtype))
-        vc = cache.v.at[layer, :, meta.slot_page, meta.slot_offset].set(v.astype(cache.v.dtype))
+        kc = write_kv(cache.k, k, layer, meta.slot_page, meta.slot_offset)
+        vc = write_kv(cache.v, v, layer, meta.slot_page, meta.slot_offset)
         out = self.attend(
             q, kc, vc, layer, meta.page_table, meta.seq_lens, meta.q_start,
             scale=self.scale, sliding_window=self.sliding_window,
         )
         return out, PagedKVCache(kc, vc)
+
+
+_WRITE_DIMS = jax.lax.ScatterDimensionNumbers(
+    update_window_dims=(1,), inserted_window_dims=(0, 1, 2, 3), scatter_dims_to_operand_dims=(0, 1, 2, 3))
+
+
+def write_kv(cache: jax.Array, new: jax.Array, layer, slot_page: jax.Array, slot_offset: jax.Array) -> jax.Array:
+    """Write `new` [B, T, KV, D] into the stacked cache [L, KV, P, page, D] at (layer, head, slot_page[b, t],
+    slot_offset[b, t]) for every token and KV head: one in-place scatter into the donated cache.
+
+    Each scattered element is one head_dim vector (the window is the cache's minor dimension only), indexed by
+    all four leading coordinates. The equivalent `cache.at[layer, :, page, offset].set(new)` has a
+    [KV, D] window; XLA:TPU then lays the caches out KV-head-minor through the layer scan and copies both
+    whole caches to the row-major layout of the attention kernel in every layer (temporaries = the KV pool
+    again, issue 12). With the D-only window the scatter keeps the cache's own layout: no copy on TPU, GPU or
+    CPU (tests/test_aot.py checks the compiled temporaries)."""
+    b, t, kv, d = new.shape
+    shape = (b, t, kv)
+    index = jnp.stack([
+        jnp.broadcast_to(jnp.asarray(layer, jnp.int32), shape),
+        jnp.broadcast_to(jnp.arange(kv, dtype=jnp.int32)[None, None, :], shape),
+        jnp.broadcast_to(slot_page.astype(jnp.int32)[:, :, None], shape),
+        jnp.broadcast_to(slot_offset.astype(jnp.int32)[:, :, None], shape),
+    ], axis=-1).reshape(b * t * kv, 4)
+    # Padded tokens all write to the null page (duplicate indices: whichever lands is never read).
+    return jax.lax.scatter(cache, index, new.astype(cache.dtype).reshape(b * t * kv, d), _WRITE_DIMS,
+                           indices_are_sorted=False, unique_indices=False,
+                           mode=jax.lax.GatherScatterMode.FILL_OR_DROP)
 
 
 def select_attention(backend: str, platform: str, *, interpret: bool = False) -> tuple[Callable[..., jax.Array], str]:
