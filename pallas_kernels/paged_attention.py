@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels.paged_attention_gpu import paged_attention_gpu, gpu_support
-from pallas_kernels.paged_attention_tpu import paged_attention_tpu, tpu_support
+from pallas_kernels.paged_attention_tpu import packing_of, paged_attention_tpu, tpu_support, unpacked_shape
 from pallas_kernels.reference import paged_attention_reference
 
 logger = logging.getLogger(__name__)
@@ -105,10 +105,16 @@ def paged_attention(
     `platform` defaults to `jax.default_backend()`; pass it when the step runs elsewhere.
     """
     platform = platform or jax.default_backend()
+    # A packed cache ([L, KV, P, page / n, n * D], jaxserve.engine.kv_cache.cache_shape) goes to the TPU kernel
+    # as it is; the other implementations read the plain view (a free reshape of a row-major array).
+    pack = packing_of(k_cache.shape, q.shape[-1])
     chosen = resolve_impl(
-        impl, head_dim=q.shape[-1], page_size=k_cache.shape[3], dtype=k_cache.dtype,
+        impl, head_dim=q.shape[-1], page_size=k_cache.shape[3] * pack, dtype=k_cache.dtype,
         platform=platform, interpret=interpret,
     )
+    if pack > 1 and chosen != "pallas_tpu":
+        k_cache = k_cache.reshape(unpacked_shape(k_cache.shape, q.shape[-1]))
+        v_cache = v_cache.reshape(unpacked_shape(v_cache.shape, q.shape[-1]))
     args = (q, k_cache, v_cache, layer, page_table, seq_lens, q_start)
     options = dict(scale=scale, soft_cap=soft_cap, sliding_window=sliding_window)
     if chosen == "reference":

@@ -84,6 +84,20 @@ def tpu_support(*, head_dim: int, page_size: int, dtype: jnp.dtype) -> tuple[boo
     return True, "ok"
 
 
+def packing_of(cache_shape: tuple[int, ...], head_dim: int) -> int:
+    """Tokens per cache row: 1 for the plain `[L, KV, P, page, D]` layout, 128 / D for a packed
+    `[L, KV, P, page * D / 128, 128]` one (jaxserve.engine.kv_cache: head_dim 64 on TPU)."""
+    minor = cache_shape[-1]
+    if minor % head_dim:
+        raise ValueError(f"cache minor dimension {minor} is not a multiple of head_dim {head_dim}")
+    return minor // head_dim
+
+
+def unpacked_shape(cache_shape: tuple[int, ...], head_dim: int) -> tuple[int, ...]:
+    pack = packing_of(cache_shape, head_dim)
+    return (*cache_shape[:3], cache_shape[3] * pack, head_dim)
+
+
 def _row_token_offsets(blocking: QueryBlocking) -> np.ndarray:
     """int32 [rows, 1]: query token of each tile row relative to its block, -1 for padding rows."""
     rows = np.arange(blocking.rows_per_block)
@@ -121,7 +135,11 @@ def _attention_kernel(
 ):
     b, kv_head, q_block, block = (pl.program_id(i) for i in range(4))
     num_blocks = pl.num_programs(3)
-    page_size = k_hbm.shape[3]
+    head_dim = q_ref.shape[-1]
+    # A packed cache (head_dim < 128) holds `pack` consecutive tokens per 128-lane row: [L, KV, P, page/pack, 128].
+    pack = k_hbm.shape[4] // head_dim
+    rows_per_page = k_hbm.shape[3]
+    page_size = rows_per_page * pack
     keys_per_block = pages_per_block * page_size
     layer = layer_ref[0]
     seq_len = seq_lens_ref[b]
@@ -144,7 +162,7 @@ def _attention_kernel(
                 copies.append(
                     pltpu.make_async_copy(
                         hbm.at[layer, kv_head, page],
-                        buf.at[slot, pl.ds(p * page_size, page_size)],
+                        buf.at[slot, pl.ds(p * rows_per_page, rows_per_page)],
                         sems.at[which, slot],
                     )
                 )
@@ -171,30 +189,40 @@ def _attention_kernel(
         slot = jax.lax.rem(block, 2)
         for copy in page_copies(block, slot):
             copy.wait()
-        k = k_buf[slot]
-        v = v_buf[slot]
+        k_rows = k_buf[slot]  # [keys_per_block / pack, pack * head_dim]
+        v_rows = v_buf[slot]
         q = q_ref[...]
-        logits = jax.lax.dot_general(q, k, _NT_DIMS, preferred_element_type=jnp.float32) * scale
-        logits = apply_soft_cap(logits, soft_cap)
-        shape = logits.shape
-        row_token = jnp.broadcast_to(row_token_ref[...], shape)
-        token = q_block * blocking.tokens_per_block + row_token
-        in_tile = (row_token >= 0) & (token < blocking.q_len)
-        query_pos = jnp.where(in_tile, q_start + token, -1)  # padding rows see nothing
-        key_pos = block * keys_per_block + jax.lax.broadcasted_iota(jnp.int32, shape, 1)
-        visible = key_visibility_mask(query_pos, key_pos, seq_len, sliding_window)
-        logits = jnp.where(visible, logits, -jnp.inf)
+        # Lane slice i of the packed rows holds the keys i, i + pack, i + 2 pack, ... of the block.
+        ks = [k_rows[:, i * head_dim:(i + 1) * head_dim] for i in range(pack)]
+        vs = [v_rows[:, i * head_dim:(i + 1) * head_dim] for i in range(pack)]
+        logits = []
+        for i in range(pack):
+            part = jax.lax.dot_general(q, ks[i], _NT_DIMS, preferred_element_type=jnp.float32) * scale
+            part = apply_soft_cap(part, soft_cap)
+            shape = part.shape
+            row_token = jnp.broadcast_to(row_token_ref[...], shape)
+            token = q_block * blocking.tokens_per_block + row_token
+            in_tile = (row_token >= 0) & (token < blocking.q_len)
+            query_pos = jnp.where(in_tile, q_start + token, -1)  # padding rows see nothing
+            key_pos = block * keys_per_block + pack * jax.lax.broadcasted_iota(jnp.int32, shape, 1) + i
+            visible = key_visibility_mask(query_pos, key_pos, seq_len, sliding_window)
+            logits.append(jnp.where(visible, part, -jnp.inf))
         prev_max = max_ref[...]
-        new_max = jnp.maximum(prev_max, jnp.max(logits, axis=1, keepdims=True))
+        new_max = prev_max
+        for part in logits:
+            new_max = jnp.maximum(new_max, jnp.max(part, axis=1, keepdims=True))
         # Rows with no visible key so far keep max -inf; use 0 so exp() gives 0, not NaN.
         safe_max = jnp.where(new_max == -jnp.inf, 0.0, new_max)
         correction = jnp.exp(prev_max - safe_max)
-        probs = jnp.exp(logits - safe_max)
-        sum_ref[...] = sum_ref[...] * correction + jnp.sum(probs, axis=1, keepdims=True)
+        total = sum_ref[...] * correction
+        acc = acc_ref[...] * correction
+        for part, v in zip(logits, vs):
+            probs = jnp.exp(part - safe_max)
+            total = total + jnp.sum(probs, axis=1, keepdims=True)
+            acc = acc + jnp.dot(probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
+        sum_ref[...] = total
         max_ref[...] = new_max
-        acc_ref[...] = acc_ref[...] * correction + jnp.dot(
-            probs.astype(v.dtype), v, preferred_element_type=jnp.float32
-        )
+        acc_ref[...] = acc
 
     @pl.when(block == num_blocks - 1)
     def _finalize():
@@ -229,11 +257,15 @@ def paged_attention_tpu(
     DMAs land only when waited on, so a missing wait reads poisoned memory); pass
     `pltpu.InterpretParams(...)` for its options (e.g. race detection over several cores).
     """
-    validate_paged_attention_args(
-        q, k_cache, v_cache, page_table, seq_lens, q_start, soft_cap=soft_cap, sliding_window=sliding_window
-    )
     batch, q_len, num_heads, head_dim = q.shape
-    _, num_kv_heads, _, page_size, _ = k_cache.shape
+    pack = packing_of(k_cache.shape, head_dim)
+    logical = jax.ShapeDtypeStruct(unpacked_shape(k_cache.shape, head_dim), k_cache.dtype)
+    validate_paged_attention_args(
+        q, logical, jax.ShapeDtypeStruct(unpacked_shape(v_cache.shape, head_dim), v_cache.dtype), page_table,
+        seq_lens, q_start, soft_cap=soft_cap, sliding_window=sliding_window
+    )
+    _, num_kv_heads, _, page_size, _ = logical.shape
+    rows_per_page = page_size // pack
     ok, reason = tpu_support(head_dim=head_dim, page_size=page_size, dtype=k_cache.dtype)
     if not ok:
         raise ValueError(f"paged_attention_tpu: {reason}")
@@ -264,8 +296,8 @@ def paged_attention_tpu(
         ],
         out_specs=q_spec,
         scratch_shapes=[
-            pltpu.VMEM((2, keys_per_block, head_dim), k_cache.dtype),
-            pltpu.VMEM((2, keys_per_block, head_dim), v_cache.dtype),
+            pltpu.VMEM((2, pages_per_block * rows_per_page, pack * head_dim), k_cache.dtype),
+            pltpu.VMEM((2, pages_per_block * rows_per_page, pack * head_dim), v_cache.dtype),
             pltpu.SemaphoreType.DMA((2, 2)),
             pltpu.VMEM((rows, head_dim), jnp.float32),
             pltpu.VMEM((rows, 1), jnp.float32),

@@ -68,3 +68,46 @@ def test_kernels_reject_unsupported_shapes():
         paged_attention_gpu(*problem.args(), scale=1.0, interpret=True)
     with pytest.raises(ValueError, match="page_size 12"):
         paged_attention_tpu(*problem.args(), scale=1.0, interpret=True)
+
+
+@pytest.mark.parametrize("q_len,window", [(1, None), (20, None), (20, 7)])
+def test_tpu_kernel_reads_the_packed_head_dim_64_cache(q_len, window):
+    """The packed layout of kv_cache.cache_shape (TPU, head_dim 64: two tokens per 128-lane row): the TPU kernel
+    (interpreted) reads it directly, the dispatcher and PagedCacheOps hand other backends the plain view, and
+    write_kv puts each token where the plain layout's write would."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    from jaxserve.engine.attention import PagedCacheOps, PagedMeta, write_kv
+    from jaxserve.engine.kv_cache import PagedKVCache
+    from pallas_kernels import paged_attention
+    from pallas_kernels.paged_attention_tpu import paged_attention_tpu
+    from pallas_kernels.reference import paged_attention_reference
+
+    rng = np.random.default_rng(0)
+    L, KV, P, S, D, H, B = 2, 3, 12, 16, 64, 9, 2
+    k, v = (jnp.asarray(rng.standard_normal((L, KV, P, S, D)), jnp.float32) for _ in range(2))
+    pk, pv = k.reshape(L, KV, P, S // 2, 2 * D), v.reshape(L, KV, P, S // 2, 2 * D)
+    q = jnp.asarray(rng.standard_normal((B, q_len, H, D)), jnp.float32)
+    page_table = jnp.asarray([[1, 3, 5, 7], [2, 4, 6, 8]], jnp.int32)
+    seq_lens = jnp.asarray([40, 55], jnp.int32)
+    args = (1, page_table, seq_lens, seq_lens - q_len)
+    opts = dict(scale=0.125, sliding_window=window)
+    want = paged_attention_reference(q, k, v, *args, **opts)
+    np.testing.assert_allclose(paged_attention_tpu(q, pk, pv, *args, **opts, interpret=True), want, atol=1e-5)
+    np.testing.assert_allclose(paged_attention(q, pk, pv, *args, **opts, impl="reference"), want, atol=1e-6)
+
+    new = jnp.asarray(rng.standard_normal((B, q_len, KV, D)), jnp.float32)
+    slots = rng.permutation(np.arange(16, P * S))[: B * q_len].reshape(B, q_len)  # distinct, off the null page
+    slot_page, slot_offset = jnp.asarray(slots // S, jnp.int32), jnp.asarray(slots % S, jnp.int32)
+    plain = k.at[1, :, slot_page, slot_offset].set(new)
+    assert bool(jnp.all(write_kv(k, new, 1, slot_page, slot_offset) == plain))
+    assert bool(jnp.all(write_kv(pk, new, 1, slot_page, slot_offset).reshape(k.shape) == plain))
+
+    meta = PagedMeta(page_table, seq_lens, seq_lens - q_len, slot_page, slot_offset)
+    ops = PagedCacheOps(paged_attention_reference, 0.125, window)  # reads the plain layout only
+    out_plain, cache_plain = ops.update_and_attend(q, new, new, PagedKVCache(k, v), 1, meta)
+    out_packed, cache_packed = ops.update_and_attend(q, new, new, PagedKVCache(pk, pv), 1, meta)
+    np.testing.assert_allclose(out_packed, out_plain, atol=1e-6)
+    assert cache_packed.k.shape == pk.shape
+    assert bool(jnp.all(cache_packed.k.reshape(k.shape) == cache_plain.k))

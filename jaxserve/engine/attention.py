@@ -40,35 +40,55 @@ class PagedCacheOps:
     def update_and_attend(self, q, k, v, cache: PagedKVCache, layer, meta: PagedMeta):
         kc = write_kv(cache.k, k, layer, meta.slot_page, meta.slot_offset)
         vc = write_kv(cache.v, v, layer, meta.slot_page, meta.slot_offset)
+        ka, va = kc, vc
+        if kc.shape[-1] != q.shape[-1] and not _reads_packed_cache(self.attend):
+            # A packed cache (kv_cache.cache_shape, TPU) for a backend that reads the plain layout only.
+            ka = kc.reshape(*kc.shape[:3], -1, q.shape[-1])
+            va = vc.reshape(*vc.shape[:3], -1, q.shape[-1])
         out = self.attend(
-            q, kc, vc, layer, meta.page_table, meta.seq_lens, meta.q_start,
+            q, ka, va, layer, meta.page_table, meta.seq_lens, meta.q_start,
             scale=self.scale, sliding_window=self.sliding_window,
         )
         return out, PagedKVCache(kc, vc)
 
 
+def _reads_packed_cache(attend) -> bool:
+    """Whether an attention function takes the packed cache layout (the dispatcher and the TPU kernel do)."""
+    from pallas_kernels import paged_attention
+    from pallas_kernels.paged_attention_tpu import paged_attention_tpu
+
+    while isinstance(attend, partial):
+        attend = attend.func
+    return attend is paged_attention or attend is paged_attention_tpu
+
+
 _WRITE_DIMS = jax.lax.ScatterDimensionNumbers(
-    update_window_dims=(1,), inserted_window_dims=(0, 1, 2, 3), scatter_dims_to_operand_dims=(0, 1, 2, 3))
+    update_window_dims=(1,), inserted_window_dims=(0, 1, 2, 3), scatter_dims_to_operand_dims=(0, 1, 2, 3, 4))
 
 
 def write_kv(cache: jax.Array, new: jax.Array, layer, slot_page: jax.Array, slot_offset: jax.Array) -> jax.Array:
-    """Write `new` [B, T, KV, D] into the stacked cache [L, KV, P, page, D] at (layer, head, slot_page[b, t],
-    slot_offset[b, t]) for every token and KV head: one in-place scatter into the donated cache.
+    """Write `new` [B, T, KV, D] into the stacked cache at (layer, head, slot_page[b, t], slot_offset[b, t]) for
+    every token and KV head: one in-place scatter into the donated cache. The cache is `[L, KV, P, page, D]`,
+    or packed `[L, KV, P, page / n, n * D]` (n tokens per row, kv_cache.cache_shape): token `o` of a page is
+    row `o // n`, lanes `(o % n) * D` onwards.
 
-    Each scattered element is one head_dim vector (the window is the cache's minor dimension only), indexed by
-    all four leading coordinates. The equivalent `cache.at[layer, :, page, offset].set(new)` has a
+    Each scattered element is one head_dim vector (the window is part of the cache's minor dimension only),
+    indexed by all leading coordinates. The equivalent `cache.at[layer, :, page, offset].set(new)` has a
     [KV, D] window; XLA:TPU then lays the caches out KV-head-minor through the layer scan and copies both
     whole caches to the row-major layout of the attention kernel in every layer (temporaries = the KV pool
     again, issue 12). With the D-only window the scatter keeps the cache's own layout: no copy on TPU, GPU or
     CPU (tests/test_aot.py checks the compiled temporaries)."""
     b, t, kv, d = new.shape
+    pack = cache.shape[-1] // d
     shape = (b, t, kv)
+    offset = slot_offset.astype(jnp.int32)[:, :, None]
     index = jnp.stack([
         jnp.broadcast_to(jnp.asarray(layer, jnp.int32), shape),
         jnp.broadcast_to(jnp.arange(kv, dtype=jnp.int32)[None, None, :], shape),
         jnp.broadcast_to(slot_page.astype(jnp.int32)[:, :, None], shape),
-        jnp.broadcast_to(slot_offset.astype(jnp.int32)[:, :, None], shape),
-    ], axis=-1).reshape(b * t * kv, 4)
+        jnp.broadcast_to(offset // pack if pack > 1 else offset, shape),
+        jnp.broadcast_to(offset % pack * d if pack > 1 else jnp.zeros_like(offset), shape),
+    ], axis=-1).reshape(b * t * kv, 5)
     # Padded tokens all write to the null page (duplicate indices: whichever lands is never read).
     return jax.lax.scatter(cache, index, new.astype(cache.dtype).reshape(b * t * kv, d), _WRITE_DIMS,
                            indices_are_sorted=False, unique_indices=False,

@@ -1,7 +1,7 @@
 """The paged KV cache: device arrays and the host-side page allocator.
 
 Device layout (docs/architecture.md): K and V each `[num_layers, num_kv_heads, num_pages, page_size,
-head_dim]`. Page 0 is the null page that padded tokens write into; it is never allocated.
+head_dim]`; on TPU with head_dim < 128 packed to `[..., page_size * head_dim / 128, 128]` (`cache_shape`). Page 0 is the null page that padded tokens write into; it is never allocated.
 """
 from __future__ import annotations
 
@@ -20,8 +20,28 @@ class PagedKVCache:
     v: jax.Array
 
 
+def tokens_per_row(head_dim: int, page_size: int, platform: str) -> int:
+    """How many tokens' vectors one row of the cache holds: 1 (the plain layout), or on TPU with head_dim below
+    128 lanes, 128 / head_dim (the packed layout). XLA:TPU stores a `[..., page, 64]` array with the page axis
+    minor (no lane padding) while the Mosaic kernel and the K/V write need rows of whole tokens, so a plain
+    head_dim-64 cache would be relaid out in full around every step (issue 12); `[..., page / 2, 128]` is
+    stored row-major as it is."""
+    if platform != "tpu" or head_dim >= 128 or 128 % head_dim or page_size % (128 // head_dim):
+        return 1
+    return 128 // head_dim
+
+
+def cache_shape(cfg: ModelConfig, num_pages: int, page_size: int, platform: str | None = None) -> tuple[int, ...]:
+    """Shape of each of the K and V caches: `[L, KV, P, page, D]`, or packed `[L, KV, P, page / n, n * D]`
+    (`tokens_per_row`: token `o` of a page is row `o // n`, lanes `(o % n) * D` onwards; a row-major reshape of
+    the plain layout). `platform` defaults to JAX's default backend."""
+    n = tokens_per_row(cfg.head_dim, page_size, platform or jax.default_backend())
+    return (cfg.num_layers, cfg.num_kv_heads, num_pages, page_size // n, cfg.head_dim * n)
+
+
 def init_paged_cache(cfg: ModelConfig, num_pages: int, page_size: int, dtype, sharding=None) -> PagedKVCache:
-    shape = (cfg.num_layers, cfg.num_kv_heads, num_pages, page_size, cfg.head_dim)
+    platform = next(iter(sharding.device_set)).platform if sharding is not None else None
+    shape = cache_shape(cfg, num_pages, page_size, platform)
 
     def zeros():
         if sharding is None:
