@@ -257,7 +257,7 @@ def engine_programs(cfg, shape: EngineShape, platform: str, sharding=None, *,
 
     from jaxserve.constrained.tables import META_COLUMNS, GrammarTables
     from jaxserve.engine.attention import PagedCacheOps
-    from jaxserve.engine.kv_cache import PagedKVCache
+    from jaxserve.engine.kv_cache import PagedKVCache, cache_shape
     from jaxserve.engine.runner import ModelRunner, _copy_pages, _first_at_least, _fork_slots, _forward_step, _sample_step
     from jaxserve.models.forward import make_forward
     from jaxserve.sampling.batch import build_sampling_batch
@@ -272,7 +272,7 @@ def engine_programs(cfg, shape: EngineShape, platform: str, sharding=None, *,
     forward = make_forward(cfg, shape.dtype, cache_ops, scan_layers=True, fused_projections=True)
     params = abstract_params(cfg, shape.dtype, sharding)
     kv_dtype = jnp.float32 if shape.dtype == "float32" else jnp.bfloat16
-    cshape = (cfg.num_layers, cfg.num_kv_heads, shape.num_pages, ecfg.page_size, cfg.head_dim)
+    cshape = cache_shape(cfg, shape.num_pages, ecfg.page_size, platform)  # the layout the engine uses there
     cache = PagedKVCache(S(cshape, kv_dtype), S(cshape, kv_dtype))
     R, V = ecfg.max_running_requests, cfg.vocab_size
     penalty = PenaltyState(S((R, V), jnp.int32), S((R, V), jnp.bool_))

@@ -37,12 +37,6 @@ needs_cuda = pytest.mark.skipif(not _has_cuda_plugin(),
                                 reason="jax CUDA plugin or ptxas not installed (pip install -e '.[test]' brings them)")
 
 COMPACT = dict(max_running_requests=8, max_model_len=1024, max_num_batched_tokens=64)
-HEAD_DIM_64_RELAYOUT = (
-    "pending jaxserve/aot.py: at head_dim 64 XLA:TPU stores a [L, KV, P, 16, 64] cache with the page axis minor "
-    "and relays out both whole caches around every step; the engine now allocates TPU caches packed "
-    "(engine/kv_cache.py cache_shape: [L, KV, P, 8, 128], read by the TPU kernel as is), but aot.py still builds "
-    "the plain shape. Once it uses cache_shape(cfg, num_pages, page_size, target.platform) this passes (measured "
-    "0.015 of the KV pool); drop this mark then")
 
 
 def _check_all_fit(report):
@@ -116,7 +110,7 @@ def _decode_temp_ratio(head_dim: int, rows: int, target: str = "v6e-1") -> float
 
 @needs_tpu
 @pytest.mark.parametrize("head_dim,rows", [
-    pytest.param(64, 1, marks=pytest.mark.xfail(strict=True, reason=HEAD_DIM_64_RELAYOUT)),
+    (64, 1),  # the TPU cache packs two 64-wide tokens per 128-lane row (kv_cache.cache_shape)
     (128, 1),
     (256, 1),
     (128, 8),  # 2+ rows: the K/V write scatters head_dim vectors (engine/attention.py write_kv)
@@ -143,13 +137,16 @@ def test_negative_control_kv_head_window_scatter_copies_the_cache(monkeypatch):
 def test_negative_control_vmem_over_the_limit_is_rejected():
     """The same AOT path with a deliberately broken kernel configuration (K/V blocks of 32,768 keys: 64 MiB of
     double-buffered VMEM at head_dim 128) must fail to compile, so the checks above can fail."""
-    from jaxserve.aot import run_aot
+    from jaxserve.aot import load_model_config, run_aot
     from pallas_kernels.paged_attention_tpu import TpuKernelConfig, paged_attention_tpu
 
     broken = partial(paged_attention_tpu, config=TpuKernelConfig(keys_per_block=32768))
-    report = run_aot("llama-3.1-8b", "v6e-1", kv_memory_fraction=0.85, max_running_requests=8,
-                     max_model_len=32768, max_num_batched_tokens=64, attend=broken,
-                     programs_filter=lambda p: p.kind == "forward-decode" and p.shape == (1, 1, 2048))
+    # Two layers and 128-token pages: the VMEM limit is per kernel call, and 32 layers or a block of 2,048
+    # small pages only make the same rejection take minutes instead of seconds.
+    cfg = load_model_config("llama-3.1-8b").replace(num_layers=2)
+    report = run_aot("llama-3.1-8b", "v6e-1", cfg=cfg, kv_memory_fraction=0.85, max_running_requests=8,
+                     page_size=128, max_model_len=32768, max_num_batched_tokens=128, attend=broken,
+                     programs_filter=lambda p: p.kind == "forward-decode" and p.shape == (1, 1, 256))
     (r,) = report.results
     assert r.error is not None and "vmem" in r.error.lower(), r.error
 
