@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import heapq
 import json
-import math
 import os
 import platform
 import random
@@ -43,32 +42,19 @@ from jaxserve.config import EngineConfig  # noqa: E402
 from jaxserve.engine.engine import LLMEngine  # noqa: E402
 from jaxserve.sampling.params import SamplingParams  # noqa: E402
 
-# Common English words (about one token each with the leading space), for prompts that tokenize like text.
-_WORDS = (
-    "the of and to in is was for that with as on by at from his her they this which are be or an had not "
-    "but what all were when we there can more if no out so said who up one about time would into has "
-    "other than then them these two may first way could been people over only after water very long "
-    "little just made where through back years much before good new work well also most know think "
-    "place such day world still own life year under last great man never city house while country"
-).split()
+from bench_common import WORDS, percentile  # noqa: E402  (benchmarks/ is on sys.path when a script here runs)
+
 
 
 def text_ids(engine: LLMEngine, rng: random.Random, num_tokens: int) -> list[int]:
     """`num_tokens` token ids of random English words (exactly that many)."""
     ids: list[int] = []
     while len(ids) < num_tokens:
-        words = " ".join(rng.choice(_WORDS) for _ in range(num_tokens))
+        words = " ".join(rng.choice(WORDS) for _ in range(num_tokens))
         ids += engine.tokenizer.encode(" " + words, add_special_tokens=False)
     return ids[:num_tokens]
 
 
-def percentile(values: list[float], q: float) -> float:
-    if not values:
-        return math.nan
-    s = sorted(values)
-    k = (len(s) - 1) * q / 100.0
-    lo, hi = math.floor(k), math.ceil(k)
-    return s[lo] + (s[hi] - s[lo]) * (k - lo)
 
 
 def arrival_times(n: int, rate: float, kind: str, rng: random.Random) -> list[float]:

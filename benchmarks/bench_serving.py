@@ -20,15 +20,8 @@ from dataclasses import dataclass, field
 
 import httpx
 
-# Common English words: with BPE tokenizers each is about one token with its leading space, so the
-# prompt length in tokens lands near --input-len (the measured mean is reported).
-_WORDS = (
-    "the of and to in is was for that with as on by at from his her they this which are be or an had not "
-    "but what all were when we there can more if no out so said who up one about time would into has "
-    "other than then them these two may first way could been people over only after water very long "
-    "little just made where through back years much before good new work well also most know think "
-    "place such day world still own life year under last great man never city house while country"
-).split()
+from bench_common import WORDS, percentile  # noqa: E402  (benchmarks/ is on sys.path when a script here runs)
+
 
 
 @dataclass
@@ -44,16 +37,9 @@ class Result:
 
 def make_prompts(n: int, input_len: int, seed: int) -> list[str]:
     rng = random.Random(seed)
-    return [" ".join(rng.choice(_WORDS) for _ in range(input_len)) for _ in range(n)]
+    return [" ".join(rng.choice(WORDS) for _ in range(input_len)) for _ in range(n)]
 
 
-def percentile(values: list[float], q: float) -> float:
-    if not values:
-        return math.nan
-    s = sorted(values)
-    k = (len(s) - 1) * q / 100.0
-    lo, hi = math.floor(k), math.ceil(k)
-    return s[lo] + (s[hi] - s[lo]) * (k - lo)
 
 
 async def one_request(client: httpx.AsyncClient, args: argparse.Namespace, model: str, prompt: str) -> Result:

@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import math
 import os
 import random
 import re
@@ -44,12 +43,8 @@ from pathlib import Path
 import httpx
 import psutil
 
-_WORDS = (
-    "the of and to in is was for that with as on by at from his her they this which are be or an had not "
-    "but what all were when we there can more if no out so said who up one about time would into has "
-    "other than then them these two may first way could been people over only after water very long "
-    "little just made where through back years much before good new work well also most know think"
-).split()
+from bench_common import WORDS, percentile  # noqa: E402  (benchmarks/ is on sys.path when a script here runs)
+
 
 SMALL_SCHEMA = {
     "type": "object",
@@ -76,13 +71,6 @@ KINDS: dict[str, int] = {
 }
 
 
-def percentile(values: list[float], q: float) -> float:
-    if not values:
-        return math.nan
-    s = sorted(values)
-    k = (len(s) - 1) * q / 100.0
-    lo, hi = math.floor(k), math.ceil(k)
-    return s[lo] + (s[hi] - s[lo]) * (k - lo)
 
 
 def free_port() -> int:
@@ -185,7 +173,7 @@ class Context:
 
 
 def prompt(rng: random.Random, words: int) -> str:
-    return " ".join(rng.choice(_WORDS) for _ in range(words))
+    return " ".join(rng.choice(WORDS) for _ in range(words))
 
 
 def check_envelope(resp: httpx.Response, body: bytes) -> None:

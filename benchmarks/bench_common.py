@@ -1,0 +1,24 @@
+"""Small pieces the benchmarks share (no JAX import: the HTTP clients use them too)."""
+from __future__ import annotations
+
+import math
+
+# Common English words: with BPE tokenizers each is about one token with its leading space, so a prompt of
+# N random words is about N tokens of text-like input.
+WORDS = (
+    "the of and to in is was for that with as on by at from his her they this which are be or an had not "
+    "but what all were when we there can more if no out so said who up one about time would into has "
+    "other than then them these two may first way could been people over only after water very long "
+    "little just made where through back years much before good new work well also most know think "
+    "place such day world still own life year under last great man never city house while country"
+).split()
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Linear-interpolated percentile (q in [0, 100]); NaN for no values."""
+    if not values:
+        return math.nan
+    s = sorted(values)
+    k = (len(s) - 1) * q / 100.0
+    lo, hi = math.floor(k), math.ceil(k)
+    return s[lo] + (s[hi] - s[lo]) * (k - lo)
