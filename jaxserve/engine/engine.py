@@ -477,10 +477,6 @@ class LLMEngine:
         failed, self._failed = self._failed, []
         return failed
 
-    @property
-    def num_requests(self) -> int:
-        return len(self._requests)
-
     @staticmethod
     def _reserve(seq: Sequence) -> None:
         seq.output_ids.append(PLACEHOLDER)

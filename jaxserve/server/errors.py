@@ -14,6 +14,8 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from jaxserve.engine.errors import EngineBusy, EngineDead, RequestFailed
+
 logger = logging.getLogger(__name__)
 
 # Longest slice of a user-supplied value echoed back in an error message (bodies can be megabytes).
@@ -71,6 +73,19 @@ def model_not_found(model: str) -> APIError:
 
 def server_busy(message: str) -> APIError:
     return APIError(503, message, type="server_error", code="service_unavailable", headers={"Retry-After": "1"})
+
+
+def engine_error(exc: BaseException) -> APIError | None:
+    """The HTTP answer to an exception the engine raised for one request (None: not the engine's)."""
+    if isinstance(exc, ValueError):
+        return bad_request(str(exc))
+    if isinstance(exc, EngineBusy):
+        return server_busy(str(exc))
+    if isinstance(exc, EngineDead):
+        return APIError(503, f"the engine is unavailable: {exc}", type="server_error", code="engine_unavailable")
+    if isinstance(exc, RequestFailed):
+        return APIError(500, str(exc), type="server_error", code="request_failed")
+    return None
 
 
 def truncate(value: object) -> str:

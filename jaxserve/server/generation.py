@@ -9,9 +9,8 @@ from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable, Iterable, TypeV
 
 from starlette.requests import Request
 
-from jaxserve.engine.errors import EngineBusy, EngineDead, RequestFailed
 from jaxserve.sampling.params import SamplingParams
-from jaxserve.server.errors import APIError, ClientDisconnected, bad_request, server_busy
+from jaxserve.server.errors import APIError, ClientDisconnected, engine_error
 from jaxserve.server.metrics import RequestTimer, ServerMetrics
 
 if TYPE_CHECKING:
@@ -20,19 +19,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
-
-
-def engine_error(exc: BaseException) -> APIError | None:
-    """The HTTP answer to an exception the engine raised for one request (None: not the engine's)."""
-    if isinstance(exc, ValueError):
-        return bad_request(str(exc))
-    if isinstance(exc, EngineBusy):
-        return server_busy(str(exc))
-    if isinstance(exc, EngineDead):
-        return APIError(503, f"the engine is unavailable: {exc}", type="server_error", code="engine_unavailable")
-    if isinstance(exc, RequestFailed):
-        return APIError(500, str(exc), type="server_error", code="request_failed")
-    return None
 
 
 def usage_body(last_outputs: "Iterable[RequestOutput | None]") -> dict[str, Any]:

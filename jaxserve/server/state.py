@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Sequence
 
 from jaxserve.config import ServerConfig
-from jaxserve.server.errors import model_not_found, server_busy
+from jaxserve.server.errors import engine_error, model_not_found, server_busy
 from jaxserve.server.metrics import ServerMetrics
 
 if TYPE_CHECKING:
@@ -72,8 +72,6 @@ class ServerState:
         try:
             engine.check_admission()
         except Exception as exc:
-            from jaxserve.server.generation import engine_error
-
             err = engine_error(exc)
             if err is None:
                 raise
