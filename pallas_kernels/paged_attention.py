@@ -105,8 +105,9 @@ def paged_attention(
     `platform` defaults to `jax.default_backend()`; pass it when the step runs elsewhere.
     """
     platform = platform or jax.default_backend()
-    # A packed cache ([L, KV, P, page / n, n * D], jaxserve.engine.kv_cache.cache_shape) goes to the TPU kernel
-    # as it is; the other implementations read the plain view (a free reshape of a row-major array).
+    # A packed cache ([L, KV, P, page / n, n * D] with n * D = lcm(D, 128), jaxserve.engine.kv_cache.cache_shape)
+    # goes to the TPU kernel as it is; the other implementations read the plain view (a reshape: free for a
+    # row-major array, a relayout copy on TPU, which only a fallback from the kernel pays).
     pack = packing_of(k_cache.shape, q.shape[-1])
     chosen = resolve_impl(
         impl, head_dim=q.shape[-1], page_size=k_cache.shape[3] * pack, dtype=k_cache.dtype,

@@ -12,6 +12,10 @@ compute.
 All query heads of one KV head (times a block of query tokens) form the tile's rows
 (`query_layout`), so each K/V page is read once per query block. A small per-row token-offset
 table replaces vector integer division inside the kernel.
+
+Cache layouts: the plain `[L, KV, P, page, D]`, or packed `[L, KV, P, page / n, n * D]` with n * D =
+lcm(D, 128) (jaxserve.engine.kv_cache.cache_shape, TPU at D % 128 != 0): each DMA copies whole 128-lane rows
+and the kernel takes the n lane slices of a row as n interleaved key sets under one online softmax.
 """
 from __future__ import annotations
 
@@ -79,14 +83,17 @@ def tpu_support(*, head_dim: int, page_size: int, dtype: jnp.dtype) -> tuple[boo
     sublanes = 8 if dtype == jnp.float32 else 16
     if page_size % sublanes:
         return False, f"page_size {page_size} must be a multiple of {sublanes} for {dtype} pages"
-    if head_dim % 64:
-        return False, f"head_dim {head_dim} must be a multiple of 64"
+    if head_dim % 16:
+        # Multiples of 16 pack into whole 128-lane rows at <= 8 tokens per row (kv_cache.tokens_per_row). Compiled
+        # decode with no cache copy, as at 128 and 256: v6e at 48, 64, 80, 96, 112, 160, 192; v5e at 96, 192
+        # (tests/test_aot.py checks 64, 96, 192).
+        return False, f"head_dim {head_dim} must be a multiple of 16"
     return True, "ok"
 
 
 def packing_of(cache_shape: tuple[int, ...], head_dim: int) -> int:
-    """Tokens per cache row: 1 for the plain `[L, KV, P, page, D]` layout, 128 / D for a packed
-    `[L, KV, P, page * D / 128, 128]` one (jaxserve.engine.kv_cache: head_dim 64 on TPU)."""
+    """Tokens per cache row: 1 for the plain `[L, KV, P, page, D]` layout, n for a packed
+    `[L, KV, P, page / n, n * D]` one (jaxserve.engine.kv_cache.cache_shape on TPU: n * D = lcm(D, 128))."""
     minor = cache_shape[-1]
     if minor % head_dim:
         raise ValueError(f"cache minor dimension {minor} is not a multiple of head_dim {head_dim}")
@@ -114,12 +121,12 @@ def _attention_kernel(
     # inputs
     row_token_ref,  # [rows, 1] int32 (VMEM)
     q_ref,  # [rows, D] (VMEM)
-    k_hbm,  # [L, KV, P, S, D] (HBM)
+    k_hbm,  # [L, KV, P, S / pack, pack * D] (HBM; pack = 1: the plain layout)
     v_hbm,
     # output
     o_ref,  # [rows, D]
     # scratch
-    k_buf,  # [2, keys_per_block, D]
+    k_buf,  # [2, keys_per_block / pack, pack * D]
     v_buf,
     sems,  # DMA semaphores [2 (k, v), 2 (slot)]
     acc_ref,  # [rows, D] f32
@@ -136,7 +143,8 @@ def _attention_kernel(
     b, kv_head, q_block, block = (pl.program_id(i) for i in range(4))
     num_blocks = pl.num_programs(3)
     head_dim = q_ref.shape[-1]
-    # A packed cache (head_dim < 128) holds `pack` consecutive tokens per 128-lane row: [L, KV, P, page/pack, 128].
+    # A packed cache (head_dim % 128 != 0) holds `pack` consecutive tokens per row of lcm(head_dim, 128) lanes:
+    # [L, KV, P, page / pack, pack * head_dim].
     pack = k_hbm.shape[4] // head_dim
     rows_per_page = k_hbm.shape[3]
     page_size = rows_per_page * pack
@@ -192,7 +200,9 @@ def _attention_kernel(
         k_rows = k_buf[slot]  # [keys_per_block / pack, pack * head_dim]
         v_rows = v_buf[slot]
         q = q_ref[...]
-        # Lane slice i of the packed rows holds the keys i, i + pack, i + 2 pack, ... of the block.
+        # Lane slice i of the packed rows holds the keys i, i + pack, i + 2 pack, ... of the block (at 96 or 192 a
+        # slice straddles 128-lane vregs and Mosaic realigns it: work on the visible block only, unlike a relayout of
+        # the whole HBM cache; not yet timed on a chip).
         ks = [k_rows[:, i * head_dim:(i + 1) * head_dim] for i in range(pack)]
         vs = [v_rows[:, i * head_dim:(i + 1) * head_dim] for i in range(pack)]
         logits = []

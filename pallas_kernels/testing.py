@@ -4,6 +4,7 @@ Plain NumPy + JAX (no pytest) so `benchmarks/bench_attention.py` can use it on a
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import jax
@@ -159,6 +160,17 @@ class KernelCase:
     dtype: jnp.dtype = jnp.float32
     soft_cap: float | None = None
     sliding_window: int | None = None
+    packed: bool = False  # hand the kernel the packed TPU cache layout (`packed_cache`)
+
+
+def packed_cache(cache: jax.Array) -> jax.Array:
+    """The TPU layout of jaxserve.engine.kv_cache.cache_shape for a plain `[L, KV, P, S, D]` cache:
+    `[L, KV, P, S / n, n * D]` with n * D = lcm(D, 128) (a row-major reshape; n = 1 when D % 128 == 0)."""
+    *lead, page_size, head_dim = cache.shape
+    n = math.lcm(head_dim, 128) // head_dim
+    if page_size % n:
+        raise ValueError(f"page_size {page_size} is not a multiple of the {n} tokens per packed row at head_dim {head_dim}")
+    return cache.reshape(*lead, page_size // n, n * head_dim)
 
 
 def _edge_lens(page_size: int) -> tuple[int, ...]:
@@ -181,6 +193,13 @@ TPU_CASES = (
     KernelCase(
         "extend-g3-d64-p64-ragged-window-bf16", (150, 64, 9), (40, 1, 9), 6, 2, 64, 64, jnp.bfloat16, sliding_window=50
     ),
+    # head_dims off the 128-lane grid in the packed layout the engine stores on TPU (4, 2 and 8 tokens per row)
+    # and one in the plain layout.
+    KernelCase("decode-g4-d96-p16-edges-packed-bf16", _edge_lens(16), (1,) * 4, 8, 2, 96, 16, jnp.bfloat16, packed=True),
+    KernelCase("extend-g2-d192-p32-ragged-window-packed", (70, 33, 5), (20, 1, 5), 4, 2, 192, 32, sliding_window=19,
+               packed=True),
+    KernelCase("decode-g2-d80-p16-long-softcap-packed", (150, 17), (1, 1), 4, 2, 80, 16, soft_cap=20.0, packed=True),
+    KernelCase("decode-g3-d96-p16-plain", (40, 3), (1, 1), 3, 1, 96, 16),
 )
 
 
@@ -210,7 +229,10 @@ def check_kernel(kernel, case: KernelCase, *, seed: int, **kernel_kwargs) -> Che
     )
     options = dict(scale=case.head_dim ** -0.5, soft_cap=case.soft_cap, sliding_window=case.sliding_window)
     expected = np.asarray(paged_attention_reference(*problem.args(), **options), np.float32)
-    actual = np.asarray(kernel(*problem.args(), **options, **kernel_kwargs), np.float32)
+    args = problem.args()
+    if case.packed:
+        args = (args[0], packed_cache(args[1]), packed_cache(args[2]), *args[3:])
+    actual = np.asarray(kernel(*args, **options, **kernel_kwargs), np.float32)
     valid = query_validity(problem)
     return CheckResult(
         relative_error=max_relative_error(actual, expected, valid),

@@ -111,13 +111,27 @@ def _decode_temp_ratio(head_dim: int, rows: int, target: str = "v6e-1") -> float
 @needs_tpu
 @pytest.mark.parametrize("head_dim,rows", [
     (64, 1),  # the TPU cache packs two 64-wide tokens per 128-lane row (kv_cache.cache_shape)
+    (96, 1),  # four 96-wide tokens per 384-lane row
+    (192, 1),  # two 192-wide tokens per 384-lane row
     (128, 1),
     (256, 1),
     (128, 8),  # 2+ rows: the K/V write scatters head_dim vectors (engine/attention.py write_kv)
     (256, 8),
+    (96, 8),  # ... into lane offsets of the packed rows
+    (192, 8),
 ])
 def test_decode_temporaries_below_5_percent_of_kv_cache(head_dim, rows):
     assert _decode_temp_ratio(head_dim, rows) < 0.05
+
+
+@needs_tpu
+def test_negative_control_plain_head_dim_192_cache_is_relaid_out(monkeypatch):
+    """A plain `[.., page, 192]` cache (no packing) is copied to the kernel's layout around every step: the
+    temporaries check above must see it (1.34x the pool: the copy pads 192 lanes to 256)."""
+    from jaxserve.engine import kv_cache
+
+    monkeypatch.setattr(kv_cache, "tokens_per_row", lambda head_dim, page_size, platform: 1)
+    assert _decode_temp_ratio(192, 1) > 0.25
 
 
 @needs_tpu

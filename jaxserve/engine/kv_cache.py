@@ -1,10 +1,13 @@
 """The paged KV cache: device arrays and the host-side page allocator.
 
 Device layout (docs/architecture.md): K and V each `[num_layers, num_kv_heads, num_pages, page_size,
-head_dim]`; on TPU with head_dim < 128 packed to `[..., page_size * head_dim / 128, 128]` (`cache_shape`). Page 0 is the null page that padded tokens write into; it is never allocated.
+head_dim]`; on TPU with a head_dim that is not a multiple of 128 lanes packed to `[..., page_size / n, n * head_dim]`
+with n * head_dim = lcm(head_dim, 128) (`cache_shape`: 64 -> 2 tokens per 128-lane row, 96 -> 4 per 384,
+192 -> 2 per 384). Page 0 is the null page that padded tokens write into; it is never allocated.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import jax
@@ -21,20 +24,26 @@ class PagedKVCache:
 
 
 def tokens_per_row(head_dim: int, page_size: int, platform: str) -> int:
-    """How many tokens' vectors one row of the cache holds: 1 (the plain layout), or on TPU with head_dim below
-    128 lanes, 128 / head_dim (the packed layout). XLA:TPU stores a `[..., page, 64]` array with the page axis
-    minor (no lane padding) while the Mosaic kernel and the K/V write need rows of whole tokens, so a plain
-    head_dim-64 cache would be relaid out in full around every step (issue 12); `[..., page / 2, 128]` is
-    stored row-major as it is."""
-    if platform != "tpu" or head_dim >= 128 or 128 % head_dim or page_size % (128 // head_dim):
+    """How many tokens' vectors one row of the cache holds: 1 (the plain layout), or on TPU with a head_dim that
+    is not a multiple of 128 lanes, lcm(head_dim, 128) / head_dim (the packed layout: rows of whole 128-lane
+    vregs, no padding). XLA:TPU does not keep a `[..., page, D]` array with D % 128 != 0 in the row-major tiling
+    the Mosaic kernel reads (at 64 it puts the page axis minor), so a plain cache was relaid out in full around
+    every step: decode temporaries 1.3-2x the KV pool at head_dim 64, 96 and 192 (issue 12). A packed cache is stored as it is (tests/test_aot.py). Padding D up to 128 lanes would also avoid
+    the copy but cost a third more memory and bandwidth at 96 and 192; packing costs nothing.
+
+    Packed only for head_dims the TPU kernel reads (multiples of 16, `tpu_support`; n <= 8 then, which divides
+    every page size the kernel takes); another head_dim runs the reference on the plain layout."""
+    if platform != "tpu" or head_dim % 16:
         return 1
-    return 128 // head_dim
+    n = math.lcm(head_dim, 128) // head_dim
+    return 1 if page_size % n else n
 
 
 def cache_shape(cfg: ModelConfig, num_pages: int, page_size: int, platform: str | None = None) -> tuple[int, ...]:
     """Shape of each of the K and V caches: `[L, KV, P, page, D]`, or packed `[L, KV, P, page / n, n * D]`
     (`tokens_per_row`: token `o` of a page is row `o // n`, lanes `(o % n) * D` onwards; a row-major reshape of
-    the plain layout). `platform` defaults to JAX's default backend."""
+    the plain layout, so it holds exactly the plain layout's bytes and `kv_bytes_per_page` stays exact).
+    `platform` defaults to JAX's default backend."""
     n = tokens_per_row(cfg.head_dim, page_size, platform or jax.default_backend())
     return (cfg.num_layers, cfg.num_kv_heads, num_pages, page_size // n, cfg.head_dim * n)
 
