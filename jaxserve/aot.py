@@ -12,8 +12,9 @@ Nothing here runs on a device: with JAX_PLATFORMS=cpu the host backend stays the
 devices come from `jax.experimental.topologies` (compile-only devices). What needs installing:
 `pip install -e ".[test]"` brings libtpu and the CUDA plugin with ptxas (tests/test_aot.py).
 
-Tensor parallelism is not implemented yet: a multi-chip target (v5e-4, v6e-8) compiles the single-chip
-programs on one chip of its topology, and the report says whether the model needs TP to fit.
+A multi-chip target (v5e-4, v6e-8, h200-8) compiles the tensor-parallel programs over all its chips by default
+(`--tp-size` picks fewer): the same sharding rules, `shard_map` around the attention kernels and jitted
+programs as the engine (models/sharding.py, engine/runner.jit_programs); the memory figures are per chip.
 """
 from __future__ import annotations
 
@@ -77,10 +78,14 @@ class Target:
 
 def parse_target(name: str) -> Target:
     """`v5e-1`, `v5e-4`, `v6e-1`, `v6e-8` (any `<v5e|v6e>-<1|4|8|16>`), a raw TPU topology such as `v6e:4x4`,
-    or `h100` / `h200`."""
+    `h100` / `h200`, or `h100-8` / `h200-8` (n GPUs of one host)."""
     key = name.lower()
     if key in ("h100", "h200"):
         return Target(key, CHIPS[key], "1x1x1", 1)
+    gpu = key.split("-", 1)
+    if gpu[0] in ("h100", "h200") and len(gpu) == 2 and gpu[1] in ("1", "2", "4", "8"):
+        # One host with n GPUs (the topology is slices x hosts x devices per host).
+        return Target(key, CHIPS[gpu[0]], f"1x1x{gpu[1]}", int(gpu[1]))
     if ":" in key:
         gen, shape = key.split(":", 1)
         if gen in CHIPS and CHIPS[gen].platform == "tpu":
@@ -89,7 +94,8 @@ def parse_target(name: str) -> Target:
         gen, count = key.split("-", 1)
         if gen in CHIPS and CHIPS[gen].platform == "tpu" and count.isdigit() and int(count) in _TPU_TOPOLOGIES:
             return Target(key, CHIPS[gen], f"{gen}:{_TPU_TOPOLOGIES[int(count)]}", int(count))
-    raise ValueError(f"unknown target {name!r}: use v5e-1, v5e-4, v6e-1, v6e-8 (or <v5e|v6e>:<AxB>), h100, h200")
+    raise ValueError(f"unknown target {name!r}: use v5e-1, v5e-4, v6e-1, v6e-8 (or <v5e|v6e>:<AxB>), h100, h200, "
+                     "h100-8, h200-8 (1, 2, 4 or 8 GPUs of one host)")
 
 
 def gpu_target_config(chip: Chip) -> str:
@@ -178,9 +184,10 @@ class EngineShape:
     num_pages: int
     buckets: Any
     dtype: str
-    weight_bytes: int
-    bytes_per_page: int
+    weight_bytes: int  # per chip
+    bytes_per_page: int  # per chip
     state_bytes: int  # penalty state, grammar tables, last tokens (resident besides weights and KV)
+    tp_plan: Any = None  # models.sharding.TensorParallelPlan
 
 
 def _sds(x, sharding=None):
@@ -190,8 +197,26 @@ def _sds(x, sharding=None):
     return jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=sharding)
 
 
+def unfused_abstract_params(cfg, dtype: str):
+    """ShapeDtypeStructs of the loaded parameter tree (stacked layers, separate q/k/v and gate/up), what the
+    engine's per-device sizing reads."""
+    import jax
+    import jax.numpy as jnp
+
+    from jaxserve.models.contiguous import ContiguousCacheOps, ContiguousMeta
+    from jaxserve.models.llama import LlamaModel, dtype_of
+
+    model = LlamaModel(cfg, dtype_of(dtype), ContiguousCacheOps(cfg.head_dim**-0.5), scan_layers=True)
+    ids = jnp.zeros((1, 1), jnp.int32)
+    cache_shape = (cfg.num_layers, 1, 1, cfg.num_kv_heads, cfg.head_dim)
+    cache = (jnp.zeros(cache_shape, dtype_of(dtype)), jnp.zeros(cache_shape, dtype_of(dtype)))
+    meta = ContiguousMeta(jnp.zeros(1, jnp.int32), jnp.ones(1, jnp.int32))
+    return jax.eval_shape(lambda: model.init(jax.random.key(0), ids, ids, cache, meta))["params"]
+
+
 def abstract_params(cfg, dtype: str, sharding=None):
-    """ShapeDtypeStructs of the runner's parameter tree (stacked layers, fused projections)."""
+    """ShapeDtypeStructs of the runner's parameter tree (stacked layers, fused projections); `sharding`: one
+    sharding for every leaf, or a function (path names, shape) -> sharding."""
     import jax
     import jax.numpy as jnp
 
@@ -205,6 +230,11 @@ def abstract_params(cfg, dtype: str, sharding=None):
     cache = (jnp.zeros(cache_shape, dtype_of(dtype)), jnp.zeros(cache_shape, dtype_of(dtype)))
     meta = ContiguousMeta(jnp.zeros(1, jnp.int32), jnp.ones(1, jnp.int32))
     shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), ids, ids, cache, meta))["params"]
+    if callable(sharding):
+        from jaxserve.models.sharding import _path_names
+
+        return jax.tree_util.tree_map_with_path(
+            lambda path, s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding(_path_names(path), s.shape)), shapes)
     return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), shapes)
 
 
@@ -217,12 +247,14 @@ def tree_bytes(tree) -> int:
 
 def engine_shape(cfg, chip: Chip, *, kv_memory_fraction: float, dtype: str = "bfloat16", max_model_len: int | None = None,
                  max_running_requests: int | None = None, max_num_batched_tokens: int | None = None,
-                 page_size: int = 16, num_pages: int | None = None) -> EngineShape:
-    """The engine's shape on `chip`, as the engine derives it (accelerator defaults, the runner's buckets) with
-    the KV pool sized by `engine.kv_cache.kv_cache_pages`, as the engine sizes it on a device."""
+                 page_size: int = 16, num_pages: int | None = None, tp_size: int = 1) -> EngineShape:
+    """The engine's shape on `chip` (each of `tp_size` chips), as the engine derives it (accelerator defaults,
+    the runner's buckets, the tensor-parallel plan) with the KV pool sized by `engine.kv_cache.kv_cache_pages`
+    per chip, as the engine sizes it on a device."""
     from jaxserve.config import EngineConfig
     from jaxserve.engine.kv_cache import kv_bytes_per_page, kv_cache_pages
     from jaxserve.engine.runner import Buckets
+    from jaxserve.models.sharding import per_device_param_bytes, plan_tensor_parallel
 
     ecfg = EngineConfig(max_model_len=max_model_len, max_running_requests=max_running_requests,
                         max_num_batched_tokens=max_num_batched_tokens, page_size=page_size, num_pages=num_pages,
@@ -230,8 +262,9 @@ def engine_shape(cfg, chip: Chip, *, kv_memory_fraction: float, dtype: str = "bf
                         layer_loop="scan").with_platform_defaults(chip.platform)
     mml = min(ecfg.max_model_len, cfg.max_position_embeddings)
     max_pages_per_row = math.ceil(mml / page_size)
-    per_page = kv_bytes_per_page(cfg, page_size, 4 if dtype == "float32" else 2)
-    weight_bytes = tree_bytes(abstract_params(cfg, dtype))
+    plan = plan_tensor_parallel(cfg, tp_size)
+    per_page = kv_bytes_per_page(plan.model_config, page_size, 4 if dtype == "float32" else 2) // tp_size
+    weight_bytes = per_device_param_bytes(unfused_abstract_params(cfg, dtype), plan)
     full = ecfg.max_running_requests * max_pages_per_row + 1
     if num_pages is None:
         num_pages = kv_cache_pages(chip.hbm_bytes, weight_bytes, kv_memory_fraction, per_page, max_pages=full)
@@ -242,13 +275,13 @@ def engine_shape(cfg, chip: Chip, *, kv_memory_fraction: float, dtype: str = "bf
     rows = -(-ecfg.grammar_capacity_states // 16) * 16
     state = R * V * 5 + 8 * R + rows * (-(-V // 32) * 4 + 5 * 4) + max(ecfg.grammar_class_map_slots, 1) * V * 4 \
         + max(ecfg.grammar_next_capacity // 1024 * 1024, 1) * 4
-    return EngineShape(ecfg, mml, num_pages, buckets, dtype, weight_bytes, per_page, state)
+    return EngineShape(ecfg, mml, num_pages, buckets, dtype, weight_bytes, per_page, state, plan)
 
 
-def engine_programs(cfg, shape: EngineShape, platform: str, sharding=None, *,
-                    attend: Callable | None = None) -> list[Program]:
+def engine_programs(cfg, shape: EngineShape, platform: str, mesh, *, attend: Callable | None = None) -> list[Program]:
     """Every jitted program the engine compiles at start-up, with abstract arguments, built from the runner's
-    own module-level step functions and Buckets (what `ModelRunner.warmup` compiles, plus the fork programs).
+    own module-level step functions, jits and Buckets (what `ModelRunner.warmup` compiles, plus the fork
+    programs), split over `mesh` (the `tensor` axis: shape.tp_plan.size devices) as the runner splits them.
     `platform`: "tpu" | "gpu" picks the Pallas kernel the engine's `auto` backend would; `attend` overrides the
     attention function (tests: a deliberately broken kernel configuration)."""
     import jax
@@ -258,22 +291,35 @@ def engine_programs(cfg, shape: EngineShape, platform: str, sharding=None, *,
     from jaxserve.constrained.tables import META_COLUMNS, GrammarTables
     from jaxserve.engine.attention import PagedCacheOps
     from jaxserve.engine.kv_cache import PagedKVCache, cache_shape
-    from jaxserve.engine.runner import ModelRunner, _copy_pages, _first_at_least, _fork_slots, _forward_step, _sample_step
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from jaxserve.engine.runner import ModelRunner, _first_at_least, jit_programs
     from jaxserve.models.forward import make_forward
+    from jaxserve.models.sharding import ShardedCacheOps, cache_spec, param_spec
     from jaxserve.sampling.batch import build_sampling_batch
     from jaxserve.sampling.penalties import PenaltyState
     from pallas_kernels.paged_attention import paged_attention
 
-    ecfg, b = shape.engine_config, shape.buckets
-    S = partial(jax.ShapeDtypeStruct, sharding=sharding)
+    ecfg, b, plan = shape.engine_config, shape.buckets, shape.tp_plan
+    if mesh.size != plan.size:
+        raise ValueError(f"the mesh has {mesh.size} devices, the plan {plan.size}")
+    cfg = plan.model_config  # KV heads repeated when fewer than the shards, as the runner does
+    replicated = NamedSharding(mesh, PartitionSpec())
+    kv_sharding = NamedSharding(mesh, cache_spec())
+    S = partial(jax.ShapeDtypeStruct, sharding=replicated)
     if attend is None:
         attend = partial(paged_attention, impl="pallas", platform=platform)
     cache_ops = PagedCacheOps(attend, cfg.head_dim**-0.5, cfg.sliding_window)
-    forward = make_forward(cfg, shape.dtype, cache_ops, scan_layers=True, fused_projections=True)
-    params = abstract_params(cfg, shape.dtype, sharding)
+    if plan.size > 1:
+        cache_ops = ShardedCacheOps(cache_ops, mesh)
+    forward = make_forward(cfg, shape.dtype, cache_ops, scan_layers=True, fused_projections=True,
+                           shard_groups=plan.size)
+    params = abstract_params(cfg, shape.dtype,
+                             lambda names, s: NamedSharding(mesh, param_spec(names, len(s), plan.shard_vocab)))
     kv_dtype = jnp.float32 if shape.dtype == "float32" else jnp.bfloat16
     cshape = cache_shape(cfg, shape.num_pages, ecfg.page_size, platform)  # the layout the engine uses there
-    cache = PagedKVCache(S(cshape, kv_dtype), S(cshape, kv_dtype))
+    cache = PagedKVCache(jax.ShapeDtypeStruct(cshape, kv_dtype, sharding=kv_sharding),
+                         jax.ShapeDtypeStruct(cshape, kv_dtype, sharding=kv_sharding))
     R, V = ecfg.max_running_requests, cfg.vocab_size
     penalty = PenaltyState(S((R, V), jnp.int32), S((R, V), jnp.bool_))
     last_tokens = S((R,), jnp.int32)
@@ -285,11 +331,8 @@ def engine_programs(cfg, shape: EngineShape, platform: str, sharding=None, *,
     end_ids = S((max(len(cfg.eos_token_ids), 1),), jnp.int32)
     as_abstract = lambda tree: jax.tree.map(lambda x: S(np.shape(x), np.asarray(x).dtype), tree)
 
-    # The runner's own jits (same functions, static and donated arguments as ModelRunner.__init__).
-    fwd = jax.jit(partial(_forward_step, forward), static_argnums=(0,), donate_argnums=(2, 3))
-    sample = jax.jit(_sample_step, donate_argnums=(2, 5, 6))
-    copy_pages = jax.jit(_copy_pages, donate_argnums=(0,))
-    fork_slots = jax.jit(_fork_slots, donate_argnums=(0,))
+    # The runner's own jits (same functions, static and donated arguments, output shardings).
+    fwd, sample, copy_pages, fork_slots = jit_programs(forward, replicated, kv_sharding)
 
     def step_inputs(rows: int, tokens: int, pages: int):
         zeros = np.zeros((rows, tokens), np.int32)
@@ -360,18 +403,6 @@ def compile_program(p: Program, mesh) -> Compiled:
                     int(mem.alias_size_in_bytes), int(mem.temp_size_in_bytes), flops, nbytes)
 
 
-def single_device_mesh(device):
-    import jax
-
-    return jax.sharding.Mesh([device], ("tensor",))
-
-
-def replicated(mesh):
-    import jax
-
-    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-
-
 def analytic_decode_cost(cfg, rows: int, context: int, dtype_bytes: int = 2) -> tuple[float, float]:
     """(flops, bytes) of one decode step from the model's shapes: every weight read once, each row's KV
     read over `context` tokens; used where the compiler gives no cost analysis (the CUDA plugin)."""
@@ -417,8 +448,12 @@ def roofline(cfg, chip: Chip, results: list[Compiled], shape: EngineShape, batch
         except ValueError:
             rows, width = None, None
         fwd = by.get(("forward-decode", (rows, 1, width))) if rows == batch else None
-        flops, nbytes = analytic_decode_cost(cfg, batch, context, 4 if shape.dtype == "float32" else 2)
-        entry["source"] = "analytic (weights + KV over the context)"
+        tp = shape.tp_plan.size if shape.tp_plan is not None else 1
+        served = shape.tp_plan.model_config if shape.tp_plan is not None else cfg
+        flops, nbytes = analytic_decode_cost(served, batch, context, 4 if shape.dtype == "float32" else 2)
+        flops, nbytes = flops / tp, nbytes / tp  # per chip: weights and KV heads are split over the chips
+        entry["source"] = "analytic (weights + KV over the context" + (
+            f", per chip of {tp}; all-reduces not counted)" if tp > 1 else ")")
         entry["compiled"] = ("ok" if fwd else "no compiled decode program for this batch") if rows == batch else \
             "batch above the engine's max_running_requests"
         if fwd is not None:
@@ -436,24 +471,30 @@ def roofline(cfg, chip: Chip, results: list[Compiled], shape: EngineShape, batch
 
 def run_aot(model: str, target_name: str, *, kv_memory_fraction: float = 0.85, kinds: set[str] | None = None,
             progress: Callable[[Compiled], None] | None = None, programs_filter: Callable[[Program], bool] | None = None,
-            cfg=None, attend: Callable | None = None, **engine_kw) -> Report:
-    """Compile the engine's programs of `model` (a bundled config name or path; or pass `cfg`) for the target."""
+            cfg=None, attend: Callable | None = None, tp_size: int | None = None, **engine_kw) -> Report:
+    """Compile the engine's programs of `model` (a bundled config name or path; or pass `cfg`) for the target,
+    split over `tp_size` of its chips (default: all of them)."""
     target = parse_target(target_name)
     cfg = cfg if cfg is not None else load_model_config(model)
-    shape = engine_shape(cfg, target.chip, kv_memory_fraction=kv_memory_fraction, **engine_kw)
+    tp = target.num_chips if tp_size is None else tp_size
+    if not 1 <= tp <= target.num_chips:
+        raise ValueError(f"tp_size {tp} does not fit {target.name} ({target.num_chips} chips)")
+    shape = engine_shape(cfg, target.chip, kv_memory_fraction=kv_memory_fraction, tp_size=tp, **engine_kw)
     report = Report(model, target, shape, [])
-    if target.num_chips > 1:
-        report.notes.append(f"{target.name} has {target.num_chips} chips; tensor parallelism is not implemented yet, so "
-                            "these are the single-chip programs compiled for one chip of the topology")
+    if tp > 1:
+        report.notes.append(shape.tp_plan.describe(cfg) + "; memory figures are per chip")
+    if tp < target.num_chips:
+        report.notes.append(f"{target.name} has {target.num_chips} chips; these programs use {tp} of them")
     if shape.num_pages < 2:
         need = shape.weight_bytes / GiB
-        report.notes.append(f"the weights ({need:.2f} GiB) leave no KV cache within {kv_memory_fraction:.2f} of one chip's "
-                            f"{target.chip.hbm_bytes / GiB:.1f} GiB: this model needs tensor parallelism (or a larger "
-                            "--kv-memory-fraction) on this target; nothing compiled")
+        report.notes.append(f"the weights ({need:.2f} GiB per chip) leave no KV cache within {kv_memory_fraction:.2f} of "
+                            f"the chip's {target.chip.hbm_bytes / GiB:.1f} GiB: this model needs more tensor parallelism "
+                            "(or a larger --kv-memory-fraction) on this target; nothing compiled")
         return report
-    devices = target_devices(target)
-    mesh = single_device_mesh(devices[0])
-    programs = engine_programs(cfg, shape, target.platform, replicated(mesh), attend=attend)
+    from jaxserve.models.sharding import make_mesh
+
+    mesh = make_mesh(target_devices(target)[:tp])
+    programs = engine_programs(cfg, shape, target.platform, mesh, attend=attend)
     for p in programs:
         if kinds is not None and p.kind not in kinds:
             continue
@@ -485,6 +526,7 @@ def summary(report: Report) -> dict:
     kv_bytes = (s.num_pages * s.bytes_per_page) if s.num_pages else 0
     return {
         "model": report.model, "target": report.target.name, "chip": chip.name, "platform": report.target.platform,
+        "tp_size": s.tp_plan.size if s.tp_plan is not None else 1,
         "programs": len(report.results), "failed": len(report.failures()),
         "compile_s_total": round(sum(r.compile_s for r in report.results), 2),
         "max_program_hbm_bytes": max((r.hbm_bytes for r in ok), default=0),
@@ -502,7 +544,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m jaxserve.aot", description=__doc__.split("\n\n")[0])
     ap.add_argument("--model-config", default="llama-3.1-8b",
                     help=f"bundled name ({', '.join(available_model_configs())}), an HF config.json or a model directory")
-    ap.add_argument("--target", default="v6e-1", help="v5e-1, v5e-4, v6e-1, v6e-8, <v5e|v6e>:<AxB>, h100, h200")
+    ap.add_argument("--target", default="v6e-1",
+                    help="v5e-1, v5e-4, v6e-1, v6e-8, <v5e|v6e>:<AxB>, h100, h200, h100-8, h200-8")
+    ap.add_argument("--tp-size", type=int, default=None, help="tensor-parallel chips (default: all of the target's)")
     ap.add_argument("--kv-memory-fraction", type=float, default=0.85,
                     help="share of the chip's total memory for weights + KV cache (SGLang's --mem-fraction-static)")
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
@@ -528,11 +572,12 @@ def main(argv: list[str] | None = None) -> int:
     report = run_aot(args.model_config, args.target, kv_memory_fraction=args.kv_memory_fraction, dtype=args.dtype,
                      kinds=set(args.only.split(",")) if args.only else None, progress=show,
                      max_model_len=args.max_model_len, max_running_requests=args.max_running_requests,
-                     max_num_batched_tokens=args.max_num_batched_tokens, page_size=args.page_size)
+                     max_num_batched_tokens=args.max_num_batched_tokens, page_size=args.page_size,
+                     tp_size=args.tp_size)
     s = summary(report)
     for note in report.notes:
         print(f"note: {note}")
-    print(f"weights {_fmt_bytes(s['weight_bytes'])}; KV pool {s['kv_pages']} pages = {s['kv_tokens']:,} tokens "
+    print(f"weights {_fmt_bytes(s['weight_bytes'])} per chip; KV pool {s['kv_pages']} pages = {s['kv_tokens']:,} tokens "
           f"({_fmt_bytes(s['kv_cache_bytes'])}) at --kv-memory-fraction {args.kv_memory_fraction} of "
           f"{_fmt_bytes(target.chip.hbm_bytes)}; largest program {_fmt_bytes(s['max_program_hbm_bytes'])}")
     for e in report.roofline:

@@ -12,6 +12,11 @@ import pytest
 # CPU there, and the servers the tests start inherit it). A lent GPU/TPU keeps its backend.
 import jaxserve  # noqa: E402,F401
 
+# Eight CPU devices for the tensor- and data-parallel tests (tests/test_parallel.py): set before JAX starts
+# its backend. Single-device programs run on the first device as before.
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+
 
 def pytest_configure(config):
     # Before JAX compiles anything in this process: the persistent compilation cache is set up once, at

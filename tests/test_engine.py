@@ -323,10 +323,15 @@ def test_kv_pool_on_an_accelerator_is_a_share_of_device_memory_for_weights_and_k
     per_page = kv_bytes_per_page(engine.model_config, cfg.page_size, 4)
     full = cfg.max_running_requests * math.ceil(engine.max_model_len / cfg.page_size) + 1
     weights = 10 * per_page
-    monkeypatch.setattr(jax, "devices", lambda *a: [Device(60 * per_page)])
+    import types
+
+    def devices(d):  # the engine reads its mesh's first device
+        monkeypatch.setattr(engine, "mesh", types.SimpleNamespace(devices=np.array([d], dtype=object)))
+
+    devices(Device(60 * per_page))
     assert engine._num_pages("gpu", weights) == 20  # 30 pages of budget, 10 taken by the weights
-    monkeypatch.setattr(jax, "devices", lambda *a: [Device(10_000 * per_page)])
+    devices(Device(10_000 * per_page))
     assert engine._num_pages("tpu", weights) == full
-    monkeypatch.setattr(jax, "devices", lambda *a: [Device(20 * per_page)])
+    devices(Device(20 * per_page))
     with pytest.raises(ValueError, match="kv-memory-fraction"):
         engine._num_pages("gpu", weights)

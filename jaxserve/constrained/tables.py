@@ -29,7 +29,7 @@ import logging
 import threading
 from dataclasses import dataclass
 from functools import partial
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
@@ -152,9 +152,10 @@ class GrammarPool:
     `add(grammar)` makes a grammar resident (or reuses it; grammars are keyed by `TokenTable.key`) and
     returns its `GrammarResidency`; every `add` must be paired with one `release(grammar)`. Released
     grammars stay resident until their space is needed (a cache for repeated schemas): mask rows, class-map
-    slot and next-state entries are evicted together. Thread-safe."""
+    slot and next-state entries are evicted together. Thread-safe. `device`: a device or a sharding
+    (a tensor-parallel engine replicates the tables over its mesh); None = the default device."""
 
-    def __init__(self, capacity_rows: int, vocab_width: int, vocab_size: int, device: jax.Device | None = None,
+    def __init__(self, capacity_rows: int, vocab_width: int, vocab_size: int, device: Any = None,
                  *, class_map_slots: int = 64, next_capacity: int = 1 << 22):
         if capacity_rows < 2 * BLOCK_ROWS:
             raise ValueError(f"capacity_rows must be at least {2 * BLOCK_ROWS}, got {capacity_rows}")

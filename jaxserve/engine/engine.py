@@ -16,6 +16,7 @@ from typing import Any, Callable, Iterable
 
 import jax
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxserve.config import EngineConfig, ModelConfig, cache_dir
 from jaxserve.engine.kv_cache import PageAllocator, kv_bytes_per_page, kv_cache_pages
@@ -33,7 +34,8 @@ from jaxserve.engine.scheduler import Scheduler, SchedulerLimits
 from jaxserve.constrained.grammar import Grammar
 from jaxserve.constrained.service import ConstraintService, ConstraintServiceBusy
 from jaxserve.engine import stops
-from jaxserve.models.loader import load_params, resolve_model
+from jaxserve.models.loader import load_params_deferred, resolve_model
+from jaxserve.models.sharding import make_mesh, per_device_param_bytes, plan_tensor_parallel
 from jaxserve.sampling.batch import SamplingRow
 from jaxserve.sampling.params import SamplingParams
 from jaxserve.tokenizer import Tokenizer
@@ -91,13 +93,25 @@ def enable_compilation_cache(setting: str | None) -> None:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
+def engine_devices(tp_size: int, devices: "list[jax.Device] | None" = None) -> list:
+    """The devices one engine runs on: `devices` (a data-parallel replica's group) or the first `tp_size`."""
+    available = jax.devices() if devices is None else list(devices)
+    if tp_size < 1:
+        raise ValueError(f"tp_size must be >= 1, got {tp_size}")
+    if len(available) < tp_size:
+        raise ValueError(f"tp_size {tp_size} needs {tp_size} devices; {len(available)} available "
+                         f"({available[0].platform if available else 'none'})")
+    return available[:tp_size]
+
+
 class LLMEngine:
     """Synchronous engine core; not thread-safe (AsyncEngine serialises access on its thread)."""
 
     def __init__(self, config: EngineConfig, *, interpret_kernels: bool = False, overlap: bool = True,
-                 parts: "ModelParts | None" = None) -> None:
+                 parts: "ModelParts | None" = None, devices: "list[jax.Device] | None" = None) -> None:
         """parts: an already built model (config, weights, tokenizer) instead of loading `config.model`;
-        benchmarks use it for random-weight models of real sizes."""
+        benchmarks use it for random-weight models of real sizes. devices: the `tp_size` devices this engine
+        runs on (None: the first `tp_size` devices; data-parallel replicas pass disjoint groups)."""
         self.config = config
         self.overlap = overlap
         # Steps in flight, per row to read: (sequence, step, row, emits a token, prompt chunk whose logprobs
@@ -108,9 +122,8 @@ class LLMEngine:
         # a request), "step" (building its row of a step) or "postprocess" (reading its sampled token).
         self.fault_hook: Callable[[str, str], None] | None = None
         enable_compilation_cache(config.compilation_cache_dir)
-        if config.tp_size != 1:
-            raise ValueError("tensor parallelism (tp_size > 1) is not implemented yet; use --tp-size 1")
-        platform = jax.devices()[0].platform
+        self.mesh = make_mesh(engine_devices(config.tp_size, devices))
+        platform = self.mesh.devices.flat[0].platform
         requested_len = config.max_model_len
         config = self.config = config.with_platform_defaults(platform)
         self.dtype = resolve_dtype(config.dtype, platform)
@@ -125,19 +138,21 @@ class LLMEngine:
             raise ValueError(f"max_model_len {requested_len} exceeds the model's {cfg.max_position_embeddings} positions")
         self.max_model_len = min(config.max_model_len, cfg.max_position_embeddings)
         self.end_token_ids = tuple(sorted(set(cfg.eos_token_ids) | set(self.tokenizer.eos_token_ids)))
-        params = parts.params if parts.params is not None else load_params(Path(parts.path), cfg, self.dtype)
-        num_pages = self._num_pages(platform, sum(int(x.nbytes) for x in jax.tree.leaves(params)))
+        params = parts.params if parts.params is not None else load_params_deferred(Path(parts.path), cfg, self.dtype)
+        self.tp_plan = plan_tensor_parallel(cfg, config.tp_size)
+        num_pages = self._num_pages(platform, per_device_param_bytes(params, self.tp_plan))
         self.allocator = PageAllocator(num_pages)
         from jaxserve.constrained.tables import GrammarPool
 
         self.grammar_pool = GrammarPool(
             config.grammar_capacity_states, cfg.vocab_size, min(self.tokenizer.vocab_size, cfg.vocab_size),
-            class_map_slots=config.grammar_class_map_slots, next_capacity=config.grammar_next_capacity,
+            device=NamedSharding(self.mesh, PartitionSpec()), class_map_slots=config.grammar_class_map_slots,
+            next_capacity=config.grammar_next_capacity,
         )
         self.runner = ModelRunner(
             cfg, params, config, dtype=self.dtype, num_pages=num_pages, max_model_len=self.max_model_len,
             end_token_ids=self.end_token_ids, grammar_tables_fn=lambda: self.grammar_pool.tables,
-            interpret_kernels=interpret_kernels,
+            interpret_kernels=interpret_kernels, mesh=self.mesh,
         )
         self.scheduler = Scheduler(
             SchedulerLimits(
@@ -169,22 +184,26 @@ class LLMEngine:
         )
         log.info("model %s (%s, %s), %d KV pages of %d tokens, attention %s", parts.path, cfg.family,
                  self.dtype, num_pages, config.page_size, self.runner.attention_name)
+        if config.tp_size > 1:
+            log.info("%s; devices %s", self.tp_plan.describe(cfg), [str(d) for d in self.mesh.devices.flat])
 
     def _num_pages(self, platform: str, weight_bytes: int) -> int:
         """The KV pool: `num_pages` if given; on CPU what fits CPU_KV_BYTES_CAP; on an accelerator
         `kv_memory_fraction` of the device memory JAX may use holds weights + KV (SGLang's meaning; the
-        AOT report sizes it the same way), capped at what max_running_requests full contexts need."""
+        AOT report sizes it the same way), capped at what max_running_requests full contexts need.
+        Per device under tensor parallelism: `weight_bytes` is one device's share, each page is split by
+        KV head (with the heads the plan repeats)."""
         cfg, ps = self.config, self.config.page_size
         if cfg.num_pages is not None:
             if cfg.num_pages < 2:
                 raise ValueError("num_pages must be at least 2")
             return cfg.num_pages
         dtype_bytes = 4 if self.dtype == "float32" else 2
-        per_page = kv_bytes_per_page(self.model_config, ps, dtype_bytes)
+        per_page = kv_bytes_per_page(self.tp_plan.model_config, ps, dtype_bytes) // self.tp_plan.size
         full = cfg.max_running_requests * math.ceil(self.max_model_len / ps) + 1
         if platform == "cpu":
             return max(2, min(full, CPU_KV_BYTES_CAP // per_page))
-        stats = jax.devices()[0].memory_stats() or {}
+        stats = self.mesh.devices.flat[0].memory_stats() or {}
         limit = stats.get("bytes_limit")
         if not limit:
             return full

@@ -16,6 +16,7 @@ from typing import Any, Sequence as Seq
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxserve.config import EngineConfig, ModelConfig
 from jaxserve.constrained.tables import GrammarTables
@@ -26,6 +27,9 @@ from jaxserve.engine.scheduler import PrefillChunk
 from jaxserve.engine.request import Sequence
 from jaxserve.models.forward import make_forward
 from jaxserve.models.llama import fuse_projections, unstack_layers
+from jaxserve.models.sharding import (
+    ShardedCacheOps, cache_spec, make_mesh, param_shardings, place_params, plan_tensor_parallel, repeat_kv_heads,
+)
 from jaxserve.sampling.batch import SamplingBatch, SamplingRow, build_sampling_batch
 from jaxserve.sampling.params import MAX_TOP_LOGPROBS
 from jaxserve.sampling.penalties import PenaltyState, add_prompt_tokens, init_penalty_state, reset_slots
@@ -200,6 +204,21 @@ def _fork_slots(penalty: PenaltyState, src: jax.Array, dst: jax.Array) -> Penalt
     )
 
 
+def jit_programs(forward, replicated: NamedSharding, cache_sharding: NamedSharding) -> tuple[Any, Any, Any, Any]:
+    """The runner's four jitted programs (forward step, sampler, page copy, slot fork); `jaxserve.aot` compiles
+    the same ones. The state they return keeps fixed shardings (the cache split by KV head, everything else
+    replicated over the engine's mesh): equal input shardings on the next call, so no program is traced twice
+    (XLA would otherwise pick equivalent but unequal shardings for the outputs). The logits are gathered for
+    the sampler, which works over the whole vocabulary."""
+    rep, kv = replicated, cache_sharding
+    fwd = jax.jit(partial(_forward_step, forward), static_argnums=(0,), donate_argnums=(2, 3),
+                  out_shardings=(rep, PagedKVCache(kv, kv), rep, rep))
+    sample = jax.jit(_sample_step, donate_argnums=(2, 5, 6), out_shardings=rep)
+    copy_pages = jax.jit(_copy_pages, donate_argnums=(0,), out_shardings=PagedKVCache(kv, kv))
+    fork_slots = jax.jit(_fork_slots, donate_argnums=(0,), out_shardings=rep)
+    return fwd, sample, copy_pages, fork_slots
+
+
 @dataclass
 class StepResult:
     tokens: np.ndarray  # [rows]
@@ -222,7 +241,16 @@ class ModelRunner:
         end_token_ids: Seq[int],
         grammar_tables_fn,
         interpret_kernels: bool = False,
+        mesh: Mesh | None = None,
     ) -> None:
+        """`model_config` and `params` as loaded (host, device or `Deferred` arrays); `mesh`: the devices of
+        this engine along the `tensor` axis (None: the default device alone). The runner splits the model over
+        them (models/sharding.py) and uses the plan's config (KV heads repeated when fewer than the shards)."""
+        self.mesh = mesh if mesh is not None else make_mesh(jax.devices()[:1])
+        self.tp = tp = self.mesh.size
+        self.plan = plan_tensor_parallel(model_config, tp)
+        params = repeat_kv_heads(params, model_config, self.plan.kv_repeat)
+        model_config = self.plan.model_config
         self.cfg = model_config
         self.ecfg = engine_config
         self.dtype = dtype
@@ -230,37 +258,43 @@ class ModelRunner:
         self.num_pages = num_pages
         self.max_model_len = max_model_len
         self.max_pages_per_row = math.ceil(max_model_len / self.page_size)
-        self.platform = jax.devices()[0].platform
+        self.platform = self.mesh.devices.flat[0].platform
         if self.platform == "cpu" and engine_config.host_malloc_tuning:
             keep_freed_memory_in_heap()
         attend, self.attention_name = select_attention(
             engine_config.attention_backend, self.platform, interpret=interpret_kernels
         )
         cache_ops = PagedCacheOps(attend, model_config.head_dim**-0.5, model_config.sliding_window)
+        if tp > 1:
+            cache_ops = ShardedCacheOps(cache_ops, self.mesh)
         loop = engine_config.layer_loop
         self.scan_layers = loop == "scan" or (loop == "auto" and self.platform != "cpu")
         if not self.scan_layers:
             params = unstack_layers(params, model_config.num_layers)
-        params = fuse_projections(params)
-        forward = make_forward(model_config, dtype, cache_ops, scan_layers=self.scan_layers, fused_projections=True)
+        params = fuse_projections(params, groups=tp)
+        forward = make_forward(model_config, dtype, cache_ops, scan_layers=self.scan_layers, fused_projections=True,
+                               shard_groups=tp)
         # Two programs per step: the forward is compiled per (rows, tokens, pages) bucket, the sampler only
         # per row count, so compile time grows with the bucket grid far more slowly. Both are dispatched
         # asynchronously; the logits never leave the device.
-        self._forward = jax.jit(partial(_forward_step, forward), static_argnums=(0,), donate_argnums=(2, 3))
-        self._sample = jax.jit(_sample_step, donate_argnums=(2, 5, 6))
-        self._copy_pages = jax.jit(_copy_pages, donate_argnums=(0,))
-        self._fork_slots = jax.jit(_fork_slots, donate_argnums=(0,))
-        self.params = jax.device_put(params)
+        self.replicated = NamedSharding(self.mesh, PartitionSpec())
+        cache_sharding = NamedSharding(self.mesh, cache_spec())
+        self._forward, self._sample, self._copy_pages, self._fork_slots = jit_programs(
+            forward, self.replicated, cache_sharding)
+        self.params = place_params(params, param_shardings(params, self.mesh, self.plan.shard_vocab))
+        del params
         kv_dtype = jnp.float32 if dtype == "float32" else jnp.bfloat16
-        self.cache = init_paged_cache(model_config, num_pages, self.page_size, kv_dtype)
-        self.penalty = init_penalty_state(engine_config.max_running_requests, model_config.vocab_size)
+        self.cache = init_paged_cache(model_config, num_pages, self.page_size, kv_dtype, sharding=cache_sharding)
+        R = engine_config.max_running_requests
+        on_mesh = partial(jax.jit, out_shardings=self.replicated)  # created in place on this engine's devices
+        self.penalty = on_mesh(partial(init_penalty_state, R, model_config.vocab_size))()
         # The latest sampled token of each running slot, kept on the device so the next step can be
         # dispatched before the host has read this one (host work overlaps device work).
-        self.last_tokens = jnp.zeros(engine_config.max_running_requests, jnp.int32)
+        self.last_tokens = on_mesh(partial(jnp.zeros, R, jnp.int32))()
         # Likewise the grammar state (normal pool row, 0 = none) after each slot's latest token: a
         # constrained row whose previous token is in flight takes its state from here.
-        self.grammar_state = jnp.zeros(engine_config.max_running_requests, jnp.int32)
-        self.end_ids = jnp.asarray(np.array(list(end_token_ids) or [-1], np.int32))
+        self.grammar_state = on_mesh(partial(jnp.zeros, R, jnp.int32))()
+        self.end_ids = jax.device_put(np.array(list(end_token_ids) or [-1], np.int32), self.replicated)
         self._grammar_tables_fn = grammar_tables_fn  # () -> the grammar pool's current GrammarTables
         max_chunk = min(engine_config.max_num_batched_tokens, max_model_len)
         self.max_chunk = max_chunk

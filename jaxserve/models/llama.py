@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxserve.config import ModelConfig
+from jaxserve.models.deferred import lazily
 
 
 class KVCacheOps(Protocol):
@@ -112,6 +113,7 @@ class Attention(nn.Module):
     dtype: Any
     cache_ops: Any
     fused_projections: bool = False
+    shard_groups: int = 1  # the fused layout's interleaving (`fuse_projections(groups=...)`)
 
     @nn.compact
     def __call__(self, x, cos, sin, cache, layer, meta):
@@ -119,8 +121,9 @@ class Attention(nn.Module):
         b, t, _ = x.shape
         q_dim, kv_dim = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
         if self.fused_projections:  # one matmul instead of three (see `fuse_projections`)
-            qkv = _dense(q_dim + 2 * kv_dim, cfg.attention_bias, self.dtype, "qkv_proj")(x)
-            q, k, v = jnp.split(qkv, [q_dim, q_dim + kv_dim], axis=-1)
+            g = self.shard_groups
+            qkv = _dense(q_dim + 2 * kv_dim, cfg.attention_bias, self.dtype, "qkv_proj")(x).reshape(b, t, g, -1)
+            q, k, v = jnp.split(qkv, [q_dim // g, (q_dim + kv_dim) // g], axis=-1)
         else:
             q = _dense(q_dim, cfg.attention_bias, self.dtype, "q_proj")(x)
             k = _dense(kv_dim, cfg.attention_bias, self.dtype, "k_proj")(x)
@@ -142,11 +145,15 @@ class MLP(nn.Module):
     cfg: ModelConfig
     dtype: Any
     fused_projections: bool = False
+    shard_groups: int = 1
 
     @nn.compact
     def __call__(self, x):
         if self.fused_projections:
-            gate, up = jnp.split(_dense(2 * self.cfg.intermediate_size, False, self.dtype, "gate_up_proj")(x), 2, axis=-1)
+            g, inter = self.shard_groups, self.cfg.intermediate_size
+            gate_up = _dense(2 * inter, False, self.dtype, "gate_up_proj")(x)
+            gate, up = jnp.split(gate_up.reshape(*x.shape[:-1], g, -1), 2, axis=-1)
+            gate, up = gate.reshape(*x.shape[:-1], inter), up.reshape(*x.shape[:-1], inter)
         else:
             gate = _dense(self.cfg.intermediate_size, False, self.dtype, "gate_proj")(x)
             up = _dense(self.cfg.intermediate_size, False, self.dtype, "up_proj")(x)
@@ -160,17 +167,19 @@ class DecoderLayer(nn.Module):
     dtype: Any
     cache_ops: Any
     fused_projections: bool = False
+    shard_groups: int = 1
 
     @nn.compact
     def __call__(self, carry, cos, sin, meta):
         x, cache, layer = carry
         h = RMSNorm(self.cfg.rms_norm_eps, self.dtype, name="input_layernorm")(x)
-        attn_out, cache = Attention(self.cfg, self.dtype, self.cache_ops, self.fused_projections, name="self_attn")(
+        attn_out, cache = Attention(self.cfg, self.dtype, self.cache_ops, self.fused_projections, self.shard_groups,
+                                   name="self_attn")(
             h, cos, sin, cache, layer, meta
         )
         x = x + attn_out
         h = RMSNorm(self.cfg.rms_norm_eps, self.dtype, name="post_attention_layernorm")(x)
-        x = x + MLP(self.cfg, self.dtype, self.fused_projections, name="mlp")(h)
+        x = x + MLP(self.cfg, self.dtype, self.fused_projections, self.shard_groups, name="mlp")(h)
         return (x, cache, layer + 1), None
 
 
@@ -185,6 +194,8 @@ class LlamaModel(nn.Module):
     # True: q/k/v and gate/up each run as one matmul over concatenated weights (`fuse_projections` converts
     # the loaded tree); fewer, wider matmuls are faster on every backend.
     fused_projections: bool = False
+    # Tensor-parallel shards the fused projections are interleaved for (`fuse_projections(groups=...)`).
+    shard_groups: int = 1
 
     @nn.compact
     def __call__(self, tokens, positions, cache, meta, logits_index=None, hidden_row=None):
@@ -210,11 +221,12 @@ class LlamaModel(nn.Module):
                 split_rngs={"params": True},
                 in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
                 length=cfg.num_layers,
-            )(cfg, self.dtype, self.cache_ops, self.fused_projections, name="layers")
+            )(cfg, self.dtype, self.cache_ops, self.fused_projections, self.shard_groups, name="layers")
             (x, cache, _), _ = layers((x, cache, jnp.int32(0)), cos, sin, meta)
         else:
             for i in range(cfg.num_layers):
-                layer = DecoderLayer(cfg, self.dtype, self.cache_ops, self.fused_projections, name=f"layers_{i}")
+                layer = DecoderLayer(cfg, self.dtype, self.cache_ops, self.fused_projections, self.shard_groups,
+                                     name=f"layers_{i}")
                 (x, cache, _), _ = layer((x, cache, jnp.int32(i)), cos, sin, meta)
         row_hidden = None
         if hidden_row is not None:
@@ -239,15 +251,28 @@ def unstack_layers(params: dict[str, Any], num_layers: int) -> dict[str, Any]:
     return out
 
 
-def fuse_projections(params: dict[str, Any]) -> dict[str, Any]:
+def fuse_projections(params: dict[str, Any], groups: int = 1) -> dict[str, Any]:
     """The loaded layout -> the `fused_projections` layout: q/k/v kernels (and biases) concatenated along the
     output axis into `qkv_proj`, gate/up into `gate_up_proj`. Works on stacked (`layers`) and per-layer
-    (`layers_i`) trees, NumPy or device arrays."""
+    (`layers_i`) trees of NumPy, device or `Deferred` arrays.
+
+    `groups` > 1 (tensor parallelism over that many shards) interleaves the parts per group: the columns are
+    [q_0 k_0 v_0 | q_1 k_1 v_1 | ...], so an even column split hands each shard its own heads of all three
+    (and gate_g | up_g of the MLP) and the fused matmul needs no communication. groups = 1 is the plain
+    concatenation; the model splits with the same `groups` (`LlamaModel.shard_groups`)."""
 
     def cat(parts: list[Any]) -> Any:
-        if all(isinstance(p, np.ndarray) for p in parts):
-            return np.concatenate(parts, axis=-1)
-        return jnp.concatenate(parts, axis=-1)
+        widths = [p.shape[-1] for p in parts]
+        if any(w % groups for w in widths):
+            raise ValueError(f"projection widths {widths} do not split into {groups} tensor-parallel groups")
+
+        def join(*arrays: Any) -> Any:
+            xp = np if all(isinstance(a, np.ndarray) for a in arrays) else jnp
+            split = [a.reshape(*a.shape[:-1], groups, a.shape[-1] // groups) for a in arrays]
+            joined = xp.concatenate(split, axis=-1)
+            return joined.reshape(*joined.shape[:-2], -1)
+
+        return lazily(join, (*parts[0].shape[:-1], sum(widths)), *parts)
 
     def fuse_layer(layer: dict[str, Any]) -> dict[str, Any]:
         attn = dict(layer["self_attn"])

@@ -1,8 +1,8 @@
 """Load a Llama-family model from a Hugging Face directory (config.json + safetensors) or a GGUF file.
 
 GGUF files are converted once into a Hugging Face directory under the cache (see `gguf.py`), so there is
-one loading path. Weights are read on the host with NumPy, stacked per layer (the model scans over
-layers) and cast to the serving dtype before they are put on the device.
+one loading path. Weights are described lazily (`Deferred`), stacked per layer (the model scans over
+layers) and cast to the serving dtype as each is read, just before it is placed on its devices.
 """
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ import numpy as np
 from safetensors import safe_open
 
 from jaxserve.config import ModelConfig
+from jaxserve.models.deferred import Deferred, materialize, stack
 
 log = logging.getLogger(__name__)
 
@@ -95,30 +96,60 @@ def _safetensors_files(path: Path) -> list[Path]:
     return files
 
 
-def read_hf_tensors(path: Path) -> dict[str, np.ndarray]:
-    tensors: dict[str, np.ndarray] = {}
-    for f in _safetensors_files(path):
+class HFTensors:
+    """The tensors of a safetensors checkpoint by name, read on demand (the shapes from the headers)."""
+
+    def __init__(self, path: Path) -> None:
+        self._file: dict[str, Path] = {}
+        self._shape: dict[str, tuple[int, ...]] = {}
+        for f in _safetensors_files(path):
+            try:
+                with safe_open(str(f), framework="np") as st:
+                    for key in st.keys():
+                        self._file[key] = f
+                        self._shape[key] = tuple(st.get_slice(key).get_shape())
+            except Exception as e:  # safetensors raises its own error types for corrupt headers/data
+                raise ValueError(f"cannot read weights file {f}: {e}") from e
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._file
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._shape[name]
+
+    def read(self, name: str) -> np.ndarray:
+        f = self._file[name]
         try:
             with safe_open(str(f), framework="np") as st:
-                for key in st.keys():
-                    tensors[key] = st.get_tensor(key)
-        except Exception as e:  # safetensors raises its own error types for corrupt headers/data
-            raise ValueError(f"cannot read weights file {f}: {e}") from e
-    return tensors
+                return st.get_tensor(name)
+        except Exception as e:
+            raise ValueError(f"cannot read tensor {name!r} from {f}: {e}") from e
 
 
-def hf_to_params(tensors: dict[str, np.ndarray], cfg: ModelConfig, dtype: str) -> dict[str, Any]:
-    """Map HF tensor names to the Linen parameter tree (layers stacked on axis 0, Linear kernels transposed)."""
+def hf_to_params(tensors: "dict[str, np.ndarray] | HFTensors", cfg: ModelConfig, dtype: str) -> dict[str, Any]:
+    """Map HF tensor names to the Linen parameter tree (layers stacked on axis 0, Linear kernels transposed).
+    From an `HFTensors` source the leaves are `Deferred` (nothing is read until each is placed); from a dict
+    of arrays they are arrays."""
     np_dtype = _NP_DTYPES[dtype]
+    lazy = isinstance(tensors, HFTensors)
 
-    def take(name: str, transpose: bool = False) -> np.ndarray:
+    def take(name: str, transpose: bool = False) -> Any:
         if name not in tensors:
             raise ValueError(f"weights lack the tensor {name!r}")
-        t = tensors[name]
-        return (t.T if transpose else t).astype(np_dtype)
+        if not lazy:
+            t = tensors[name]
+            return (t.T if transpose else t).astype(np_dtype)
+        shape = tensors.shape(name)
 
-    def stacked(fmt: str, transpose: bool = False) -> np.ndarray:
-        return np.stack([take(fmt.format(i), transpose) for i in range(cfg.num_layers)])
+        def read() -> np.ndarray:
+            t = tensors.read(name)
+            return (t.T if transpose else t).astype(np_dtype)
+
+        return Deferred(tuple(reversed(shape)) if transpose else shape, np.dtype(np_dtype), read)
+
+    def stacked(fmt: str, transpose: bool = False) -> Any:
+        parts = [take(fmt.format(i), transpose) for i in range(cfg.num_layers)]
+        return stack(parts) if lazy else np.stack(parts)
 
     prefix = "model.layers.{}."
     attn: dict[str, Any] = {}
@@ -145,6 +176,14 @@ def hf_to_params(tensors: dict[str, np.ndarray], cfg: ModelConfig, dtype: str) -
     return params
 
 
+def load_params_deferred(path: Path, cfg: ModelConfig, dtype: str) -> dict[str, Any]:
+    """The parameter tree in `dtype` with `Deferred` leaves: the runner reads each tensor only when it places
+    it on its devices (sharded), so the whole model is never in host memory at once."""
+    return hf_to_params(HFTensors(path), cfg, dtype)
+
+
 def load_params(path: Path, cfg: ModelConfig, dtype: str) -> dict[str, Any]:
-    """Host (NumPy) parameter tree in `dtype`; the runner puts it on the device (and shards it)."""
-    return hf_to_params(read_hf_tensors(path), cfg, dtype)
+    """Host (NumPy) parameter tree in `dtype`, read in full (tests and benchmarks)."""
+    import jax
+
+    return jax.tree.map(materialize, load_params_deferred(path, cfg, dtype))

@@ -111,10 +111,12 @@ def tiny_hf_weights(hf: dict[str, Any], seed: int = 0) -> dict[str, np.ndarray]:
     return w
 
 
-def make_tiny_model(out_dir: str | Path, family: str = "llama", seed: int = 0, tokenizer_dir: str | Path | None = None) -> Path:
+def make_tiny_model(out_dir: str | Path, family: str = "llama", seed: int = 0, tokenizer_dir: str | Path | None = None,
+                    **config_overrides: Any) -> Path:
     """Write a tiny random model of `family` into `out_dir` (created) and return it.
 
     tokenizer_dir: where to copy tokenizer files from; None = the embedded default model's (SmolLM2).
+    config_overrides: config.json fields to change (e.g. more heads for tensor-parallel tests).
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -128,7 +130,7 @@ def make_tiny_model(out_dir: str | Path, family: str = "llama", seed: int = 0, t
             shutil.copy(tok_dir / name, out / name)
     if not (out / "tokenizer.json").is_file():
         raise ValueError(f"{tok_dir} has no tokenizer.json to copy")
-    hf = tiny_hf_config(family)
+    hf = {**tiny_hf_config(family), **config_overrides}
     # keep the special ids of the real tokenizer so EOS handling is the real one
     gen_path = tok_dir / "generation_config.json"
     gen = json.loads(gen_path.read_text()) if gen_path.is_file() else {}

@@ -1,0 +1,102 @@
+"""Tensor and data parallelism on 8 fake CPU devices (conftest sets --xla_force_host_platform_device_count=8).
+
+Tensor parallelism must not change what the model computes: tp = 2, 4, 8 give the greedy tokens and (within
+float tolerance) the logprobs of tp = 1, on a tiny model of every family with 8 query heads and fewer KV heads
+than the largest tp (so KV heads are repeated), while each device holds about 1/tp of the weights.
+"""
+from __future__ import annotations
+
+import re
+
+import jax
+import numpy as np
+import pytest
+
+from jaxserve.engine.offline import LLM
+from jaxserve.models.testing import FAMILIES
+from jaxserve.sampling.params import Constraint, SamplingParams
+
+pytestmark = pytest.mark.skipif(len(jax.devices()) < 8, reason="needs 8 (fake) devices: XLA_FLAGS from tests/conftest.py")
+
+# Small shapes: few buckets to compile per engine (each tp value is a new set of programs).
+ENGINE = dict(max_running_requests=4, max_num_batched_tokens=32, max_model_len=128, page_size=16, num_pages=32)
+PROMPTS = [[100, 2000, 345, 8000, 12, 77, 5, 901, 33], [4000, 31, 999]]
+
+
+@pytest.fixture(scope="module")
+def tp_model(tmp_path_factory, smollm2_tokenizer_dir):
+    """tp_model(family) -> a tiny model with 8 query heads (2 KV heads; mistral 1), so tp 8 repeats KV heads."""
+    from jaxserve.models.testing import make_tiny_model
+
+    made = {}
+
+    def get(family: str) -> str:
+        if family not in made:
+            made[family] = str(make_tiny_model(tmp_path_factory.mktemp(f"tp-{family}"), family, seed=1,
+                                               tokenizer_dir=smollm2_tokenizer_dir, num_attention_heads=8))
+        return made[family]
+
+    return get
+
+
+def _greedy(model: str, tp: int, **kw):
+    llm = LLM(model, tp_size=tp, **{**ENGINE, **kw})
+    out = llm.generate(PROMPTS, SamplingParams(max_tokens=6, temperature=0.0, logprobs=5))
+    tokens = [o.outputs[0].token_ids for o in out]
+    logprobs = [[[lp for _, lp in t.top] for t in o.outputs[0].logprobs] for o in out]
+    return tokens, np.asarray(logprobs), llm
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_tensor_parallel_matches_one_device(tp_model, family):
+    from jaxserve.models.sharding import device_bytes
+
+    model = tp_model(family)
+    ref_tokens, ref_logprobs, ref = _greedy(model, 1)
+    total = device_bytes(ref.engine.runner.params, ref.engine.runner.mesh.devices.flat[0])
+    for tp in ((2, 4, 8) if family == "llama" else (2, 8)):
+        tokens, logprobs, llm = _greedy(model, tp)
+        assert tokens == ref_tokens, f"tp={tp}"
+        np.testing.assert_allclose(logprobs, ref_logprobs, atol=2e-4, err_msg=f"tp={tp}")
+        runner = llm.engine.runner
+        assert runner.mesh.size == tp
+        kv = ref.engine.model_config.num_kv_heads
+        assert runner.plan.kv_repeat == max(1, tp // kv)
+        assert runner.cache.k.shape[1] == kv * runner.plan.kv_repeat
+        # Every device holds about 1/tp of the weights (norms are replicated; repeated KV heads add a little).
+        for device in runner.mesh.devices.flat:
+            share = device_bytes(runner.params, device) / total
+            assert share < 1.15 / tp, f"tp={tp}: {device} holds {share:.3f} of the weights"
+        # The KV cache is split by KV head: one shard per device.
+        assert {s.data.shape[1] for s in runner.cache.k.addressable_shards} == {runner.cache.k.shape[1] // tp}
+
+
+def test_tensor_parallel_serves_constrained_forked_and_prefix_cached_requests(tp_model):
+    """The rest of a step under tp: grammar tables replicated over the mesh, n > 1 page copies, the prefix
+    cache's reuse and prompt logprobs."""
+    model = tp_model("llama")
+    regex = Constraint("regex", r"(yes|no)-[0-9]{2}")
+    params = [SamplingParams(max_tokens=8, temperature=0.0, constraint=regex),
+              SamplingParams(max_tokens=5, temperature=0.8, seed=3, n=2),
+              SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=2)]
+    prompts = [PROMPTS[0] * 4, PROMPTS[0] + [5, 6, 7], list(range(300, 340))]  # 36 tokens: two whole pages
+    results = {}
+    for tp in (1, 4):
+        llm = LLM(model, tp_size=tp, **ENGINE)
+        first = llm.generate(prompts, params)
+        again = llm.generate(prompts[:1], params[:1])  # the prompt's pages come from the prefix cache
+        results[tp] = (first, again, llm.engine.stats().num_prefix_hit_tokens_total)
+    (one, one_again, hits1), (four, four_again, hits4) = results[1], results[4]
+    assert one[0].outputs[0].token_ids == four[0].outputs[0].token_ids
+    assert re.fullmatch(r"(yes|no)-[0-9]{2}", "".join(c.text for c in four[0].outputs)), four[0].outputs[0].text
+    assert [c.token_ids for c in one[1].outputs] == [c.token_ids for c in four[1].outputs]
+    assert one_again[0].outputs[0].token_ids == four_again[0].outputs[0].token_ids == one[0].outputs[0].token_ids
+    assert hits4 == hits1 > 0
+
+
+def test_tensor_parallel_rejects_what_cannot_be_split(tp_model):
+    model = tp_model("llama")
+    with pytest.raises(ValueError, match="does not divide the model's 8 attention heads"):
+        LLM(model, tp_size=3, **ENGINE)
+    with pytest.raises(ValueError, match="needs 16 devices"):
+        LLM(model, tp_size=16, **ENGINE)
