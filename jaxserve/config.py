@@ -147,7 +147,9 @@ class EngineConfig:
     max_num_batched_tokens: int | None = None  # chunked-prefill budget per step
     max_queued_requests: int = 1024
     attention_backend: str = "auto"  # auto (xla on CPU, pallas on GPU/TPU) | xla | reference | pallas
-    tp_size: int = 1
+    tp_size: int = 1  # devices one engine's model is split over (tensor parallelism)
+    # Engine replicas on disjoint groups of tp_size devices behind one server (engine/data_parallel.py).
+    dp_size: int = 1
     compilation_cache_dir: str | None = "auto"  # "auto" = cache_dir()/xla; None disables
     seed: int = 0
     layer_loop: str = "auto"  # auto (a Python loop on CPU, lax.scan elsewhere) | scan | loop
@@ -194,6 +196,8 @@ class EngineConfig:
             raise ValueError("max_queued_requests must be >= 1")
         if self.constraint_workers < 1 or self.max_pending_constraints < 1:
             raise ValueError("constraint_workers and max_pending_constraints must be >= 1")
+        if self.tp_size < 1 or self.dp_size < 1:
+            raise ValueError("tp_size and dp_size must be >= 1")
         if not self.stuck_step_timeout_s > 0:
             raise ValueError("stuck_step_timeout_s must be > 0")
 

@@ -32,6 +32,7 @@ _ALIASES = {  # SGLang / vLLM spellings users already know
     "mem_fraction_static": "kv_memory_fraction",
     "chunked_prefill_size": "max_num_batched_tokens",
     "tp": "tp_size",
+    "dp": "dp_size",
     "context_length": "max_model_len",
 }
 
@@ -63,7 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-queued-requests", type=int, default=S, help="waiting requests before answering 503")
     p.add_argument("--attention-backend", choices=["auto", "xla", "reference", "pallas"], default=S,
                    help="auto: xla (pure JAX tuned for XLA:CPU) on CPU, our Pallas kernels on GPU/TPU")
-    p.add_argument("--tp-size", "--tp", dest="tp_size", type=int, default=S, help="tensor-parallel devices")
+    p.add_argument("--tp-size", "--tp", dest="tp_size", type=int, default=S,
+                   help="devices one engine's model is split over (tensor parallelism)")
+    p.add_argument("--dp-size", "--dp", dest="dp_size", type=int, default=S,
+                   help="engine replicas on disjoint groups of tp-size devices, requests routed by load and prefix")
     p.add_argument("--layer-loop", choices=["auto", "scan", "loop"], default=S,
                    help="decoder layers as a Python loop (auto on CPU) or one lax.scan (auto elsewhere)")
     p.add_argument("--compilation-cache-dir", type=_cache_dir_flag, default=S,
@@ -205,9 +209,11 @@ async def serve(config: ServerConfig) -> int:
 
     async def load_engine():
         from jaxserve.engine.async_engine import AsyncEngine
+        from jaxserve.engine.data_parallel import DataParallelEngine
 
         t0 = time.perf_counter()
-        engine = await asyncio.to_thread(AsyncEngine.from_config, config.engine)
+        make = DataParallelEngine.from_config if config.engine.dp_size > 1 else AsyncEngine.from_config
+        engine = await asyncio.to_thread(make, config.engine)
         t1 = time.perf_counter()
         await engine.start()
         logger.info("model loaded in %.1f s, precompiled in %.1f s", t1 - t0, time.perf_counter() - t1)

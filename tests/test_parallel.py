@@ -100,3 +100,132 @@ def test_tensor_parallel_rejects_what_cannot_be_split(tp_model):
         LLM(model, tp_size=3, **ENGINE)
     with pytest.raises(ValueError, match="needs 16 devices"):
         LLM(model, tp_size=16, **ENGINE)
+
+
+# -- data parallelism ---------------------------------------------------------------------------------
+def _serve_mixed_load(engine, prompts, params):
+    """Send every request at once to `engine` (an AsyncEngine-like); returns (outputs, the most requests each
+    replica had active at one moment while the load ran)."""
+    import asyncio
+
+    async def one(ids, p):
+        tokens = []
+        async for out in engine.generate(ids, p):
+            tokens.extend(out.outputs[0].token_ids if out.outputs else [])
+        return tokens
+
+    async def run():
+        await engine.start()
+        peaks = [0] * len(getattr(engine, "replicas", [engine]))
+        both_busy = False
+        try:
+            tasks = [asyncio.create_task(one(ids, p)) for ids, p in zip(prompts, params)]
+            while not all(t.done() for t in tasks):
+                active = [r.num_active for r in getattr(engine, "replicas", [engine])]
+                peaks = [max(a, b) for a, b in zip(peaks, active)]
+                both_busy = both_busy or all(a > 0 for a in active)
+                await asyncio.sleep(0.005)
+            return [t.result() for t in tasks], peaks, both_busy
+        finally:
+            await engine.shutdown()
+
+    return asyncio.run(run())
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_data_parallel_replicas_share_a_mixed_load(tp_model, tp):
+    from jaxserve.config import EngineConfig
+    from jaxserve.engine.async_engine import AsyncEngine
+    from jaxserve.engine.data_parallel import DataParallelEngine
+    from jaxserve.engine.engine import LLMEngine
+
+    model = tp_model("qwen2")
+    rng = np.random.default_rng(0)
+    prompts = [list(rng.integers(100, 40000, size=int(n))) for n in rng.integers(3, 40, size=12)]
+    prompts = [[int(t) for t in p] for p in prompts]
+    params = [SamplingParams(max_tokens=int(m), temperature=0.0) for m in rng.integers(2, 10, size=12)]
+    config = EngineConfig(model=model, dp_size=2, tp_size=tp, **ENGINE)
+    dp = DataParallelEngine.from_config(config)
+    assert [r.engine.mesh.size for r in dp.replicas] == [tp, tp]
+    groups = [set(r.engine.mesh.devices.flat) for r in dp.replicas]
+    assert not groups[0] & groups[1]  # disjoint device groups
+    outputs, peaks, both_busy = _serve_mixed_load(dp, prompts, params)
+    assert both_busy, f"the replicas were never busy at once (peaks {peaks})"
+    assert min(dp.routed) >= 3, dp.routed
+    single = AsyncEngine(LLMEngine(EngineConfig(model=model, **ENGINE)))
+    expected, _, _ = _serve_mixed_load(single, prompts, params)
+    assert outputs == expected
+    assert dp.stats().num_generated_tokens_total == sum(len(o) for o in outputs)
+
+
+def test_data_parallel_routes_a_repeated_prefix_to_the_replica_that_cached_it(tp_model):
+    import asyncio
+
+    from jaxserve.config import EngineConfig
+    from jaxserve.engine.data_parallel import DataParallelEngine
+
+    dp = DataParallelEngine.from_config(EngineConfig(model=tp_model("llama"), dp_size=2, **ENGINE))
+    shared = list(range(1000, 1048))  # three whole pages
+
+    async def run():
+        await dp.start()
+        try:
+            for tail in ([7], [8, 9], [10], [11, 12]):
+                async for _ in dp.generate(shared + tail, SamplingParams(max_tokens=2, temperature=0.0)):
+                    pass
+        finally:
+            await dp.shutdown()
+
+    asyncio.run(run())
+    hits = [r.stats().num_prefix_hit_tokens_total for r in dp.replicas]
+    assert dp.routed_by_affinity == 3
+    assert sorted(hits) == [0, 3 * 48], hits  # every repeat reused the 48 cached tokens on one replica
+
+
+def test_data_parallel_needs_enough_devices(tp_model):
+    from jaxserve.config import EngineConfig
+    from jaxserve.engine.data_parallel import DataParallelEngine
+
+    with pytest.raises(ValueError, match="needs 16 devices"):
+        DataParallelEngine.from_config(EngineConfig(model=tp_model("llama"), dp_size=4, tp_size=4, **ENGINE))
+
+
+def test_server_over_data_parallel_replicas(tp_model):
+    """The HTTP server runs on the replicas as on one engine: completions, health, metrics, cache flush."""
+    import asyncio
+
+    import httpx
+
+    from jaxserve.config import EngineConfig, ServerConfig
+    from jaxserve.engine.data_parallel import DataParallelEngine
+    from jaxserve.server.app import build_app
+
+    config = EngineConfig(model=tp_model("llama"), dp_size=2, **ENGINE)
+    dp = DataParallelEngine.from_config(config)
+
+    async def never_called():
+        raise AssertionError("the engine is set directly")
+
+    app = build_app(ServerConfig(engine=config, served_model_name="tiny"), never_called)
+    app.state.jaxserve.engine = dp
+
+    async def go():
+        await dp.start()
+        try:
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test", timeout=120) as c:
+                body = {"model": "tiny", "prompt": [5, 6, 7, 8], "max_tokens": 4, "temperature": 0}
+                answers = await asyncio.gather(*(c.post("/v1/completions", json=body) for _ in range(6)))
+                health = await c.get("/health")
+                metrics = await c.get("/metrics")
+                flushed = await c.post("/flush_cache")
+            return answers, health, metrics, flushed
+        finally:
+            await dp.shutdown()
+
+    answers, health, metrics, flushed = asyncio.run(go())
+    assert all(a.status_code == 200 for a in answers), [a.text for a in answers]
+    assert len({a.json()["choices"][0]["text"] for a in answers}) == 1
+    assert health.status_code == 200
+    assert metrics.status_code == 200 and "jaxserve" in metrics.text
+    assert flushed.status_code == 200, flushed.text
+    assert sum(dp.routed) == 6 and min(dp.routed) >= 1
