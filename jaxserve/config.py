@@ -222,3 +222,8 @@ class ServerConfig:
     # Per-request deadline from arrival to the last token (None: none). Past it the request is aborted and
     # answered with 504 (an error event when streaming).
     request_timeout_s: float | None = None
+    # Multi-host serving (engine/multihost.py): this many processes (hosts) run one engine whose devices span
+    # them all; host 0 (node_rank 0) serves HTTP and schedules, the others follow its device operations.
+    nnodes: int = 1
+    node_rank: int = 0
+    dist_init_addr: str | None = None  # host 0's HOST:PORT for jax.distributed's coordinator

@@ -68,6 +68,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="devices one engine's model is split over (tensor parallelism)")
     p.add_argument("--dp-size", "--dp", dest="dp_size", type=int, default=S,
                    help="engine replicas on disjoint groups of tp-size devices, requests routed by load and prefix")
+    p.add_argument("--nnodes", type=int, default=S,
+                   help="hosts serving one model together (jax.distributed; host 0 serves HTTP, the others follow)")
+    p.add_argument("--node-rank", type=int, default=S, help="this host's index in [0, nnodes)")
+    p.add_argument("--dist-init-addr", default=S, help="HOST:PORT of host 0's jax.distributed coordinator")
     p.add_argument("--layer-loop", choices=["auto", "scan", "loop"], default=S,
                    help="decoder layers as a Python loop (auto on CPU) or one lax.scan (auto elsewhere)")
     p.add_argument("--compilation-cache-dir", type=_cache_dir_flag, default=S,
@@ -150,6 +154,12 @@ def parse_config(argv: Sequence[str] | None = None, environ: dict[str, str] | No
         raise ValueError("request_timeout_s must be > 0")
     if not server.graceful_shutdown_timeout_s >= 0:
         raise ValueError("graceful_shutdown_timeout_s must be >= 0")
+    if server.nnodes < 1 or not 0 <= server.node_rank < server.nnodes:
+        raise ValueError(f"need nnodes >= 1 and 0 <= node_rank < nnodes (got {server.nnodes}, {server.node_rank})")
+    if server.nnodes > 1 and not server.dist_init_addr:
+        raise ValueError("--dist-init-addr HOST:PORT (host 0's address) is required with --nnodes > 1")
+    if server.nnodes > 1 and engine.dp_size > 1:
+        raise ValueError("data parallelism across hosts is not supported: use --dp-size 1 with --nnodes > 1")
     return server
 
 
@@ -206,14 +216,21 @@ async def serve(config: ServerConfig) -> int:
     host, port = sock.getsockname()[:2]
     failures: list[BaseException] = []
     server: uvicorn.Server | None = None
+    channel = None  # multi-host: host 0 publishes its device operations to the other hosts
 
     async def load_engine():
         from jaxserve.engine.async_engine import AsyncEngine
         from jaxserve.engine.data_parallel import DataParallelEngine
 
         t0 = time.perf_counter()
+        nonlocal channel
         make = DataParallelEngine.from_config if config.engine.dp_size > 1 else AsyncEngine.from_config
         engine = await asyncio.to_thread(make, config.engine)
+        if config.nnodes > 1:
+            from jaxserve.engine.multihost import OpChannel, lead
+
+            channel = OpChannel()
+            lead(engine.engine, channel)
         t1 = time.perf_counter()
         await engine.start()
         logger.info("model loaded in %.1f s, precompiled in %.1f s", t1 - t0, time.perf_counter() - t1)
@@ -247,6 +264,8 @@ async def serve(config: ServerConfig) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: None)
     await server.serve(sockets=[sock])
+    if channel is not None:
+        channel.publish("stop")  # the engine thread has stopped: the other hosts may exit
     code = 1 if failures else 0
     if not app.state.jaxserve.ready and not failures:
         # Stopped during warm-up: XLA compilation in the loader thread cannot be interrupted, and asyncio
@@ -256,6 +275,18 @@ async def serve(config: ServerConfig) -> int:
         sys.stdout.flush()
         os._exit(code)
     return code
+
+
+def follow_host0(config: ServerConfig) -> int:
+    """A host other than host 0: build the same engine (this host's shards) and replay host 0's device
+    operations until it stops."""
+    from jaxserve.engine.engine import LLMEngine
+    from jaxserve.engine.multihost import OpChannel, follow
+
+    engine = LLMEngine(config.engine)
+    print(f"jaxserve: host {config.node_rank} of {config.nnodes} ready, following host 0", flush=True)
+    follow(engine, OpChannel())
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -268,6 +299,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
     )
     try:
+        if config.nnodes > 1:
+            from jaxserve.engine.multihost import initialize
+
+            initialize(config.dist_init_addr or "", config.nnodes, config.node_rank)
+            if config.node_rank > 0:
+                return follow_host0(config)
         return asyncio.run(serve(config))
     except ValueError as exc:
         print(f"jaxserve: {exc}", file=sys.stderr)

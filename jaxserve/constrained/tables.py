@@ -29,7 +29,7 @@ import logging
 import threading
 from dataclasses import dataclass
 from functools import partial
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -84,6 +84,7 @@ def _write_entries(table: jax.Array, values: jax.Array, base: jax.Array, count: 
 META_OFFSET = 0  # pool row of the grammar's state 0
 META_STATES = 1  # S: the closing row of a state is its normal row + S
 META_WORST_NEXT = 2  # `Grammar.worst_next` of the row's state (capped at _WORST_CAP)
+_TABLE_WRITERS = {"_table": _write_block, "_meta": _write_block, "_class_map": _write_block, "_next": _write_entries}
 META_NEXT_BASE = 3  # index of the state's row of next_by_class in `next_state` (-1: none)
 META_CLASS_SLOT = 4  # the grammar's row of `class_map` (-1: no device tables, the host advances it)
 META_COLUMNS = 5
@@ -193,6 +194,19 @@ class GrammarPool:
         self._meta = _write_block(self._meta, meta[:BLOCK_ROWS], np.int32(0))
         self._class_map = _write_block(self._class_map, np.zeros((1, vocab_width), np.int32), np.int32(0))
         self._next = _write_entries(self._next, np.zeros(_NEXT_WRITE, np.int32), np.int32(0), np.int32(0))
+        self.mirror: Callable[..., None] | None = None
+
+    def _write(self, name: str, *args: Any) -> None:
+        """One device write into a table; `mirror` (multi-host serving: engine/multihost.py) publishes it first
+        so every host's copy of the tables gets the same writes in the same order."""
+        if self.mirror is not None:
+            self.mirror("grammar", name, args)
+        self.apply_write(name, *args)
+
+    def apply_write(self, name: str, *args: Any) -> None:
+        if name not in _TABLE_WRITERS:
+            raise ValueError(f"no grammar table {name!r}")
+        setattr(self, name, _TABLE_WRITERS[name](getattr(self, name), *args))
 
     @property
     def table(self) -> jax.Array:
@@ -243,7 +257,7 @@ class GrammarPool:
             padded[: table.num_states] = table.mask
             for b in range(num_blocks):
                 rows = padded[b * BLOCK_ROWS : (b + 1) * BLOCK_ROWS]
-                self._table = _write_block(self._table, rows, np.int32((first + b) * BLOCK_ROWS))
+                self._write("_table", rows, np.int32((first + b) * BLOCK_ROWS))
             self._place_transitions(grammar, entry)
             return self._residency(entry)
 
@@ -298,15 +312,14 @@ class GrammarPool:
                 self._next_used[first : first + need] = True
                 entry.class_slot = self._free_class_slots.pop()
                 entry.next_first_block, entry.next_num_blocks = first, need
-                self._class_map = _write_block(self._class_map, grammar.token_class[None].astype(np.int32),
-                                               np.int32(entry.class_slot))
+                self._write("_class_map", grammar.token_class[None].astype(np.int32), np.int32(entry.class_slot))
                 flat = nbc.astype(np.int32).ravel()
                 base = first * NEXT_BLOCK
                 for lo in range(0, flat.size, _NEXT_WRITE):
                     part = flat[lo : lo + _NEXT_WRITE]
                     values = np.zeros(_NEXT_WRITE, np.int32)
                     values[: part.size] = part
-                    self._next = _write_entries(self._next, values, np.int32(base + lo), np.int32(part.size))
+                    self._write("_next", values, np.int32(base + lo), np.int32(part.size))
         if entry.class_slot < 0:
             self.num_host_advance += 1
             log.warning(
@@ -326,8 +339,7 @@ class GrammarPool:
             meta[:num_states, META_NEXT_BASE] = entry.next_first_block * NEXT_BLOCK + np.arange(num_states) * nbc.shape[1]
             meta[:num_states, META_CLASS_SLOT] = entry.class_slot
         for b in range(entry.num_blocks):
-            self._meta = _write_block(self._meta, meta[b * BLOCK_ROWS : (b + 1) * BLOCK_ROWS],
-                                      np.int32(offset + b * BLOCK_ROWS))
+            self._write("_meta", meta[b * BLOCK_ROWS : (b + 1) * BLOCK_ROWS], np.int32(offset + b * BLOCK_ROWS))
 
     def _fits_after_evicting_unused(self, need: int) -> bool:
         """Whether evicting every released grammar would make room for transition tables of `need` blocks

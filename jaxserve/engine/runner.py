@@ -303,6 +303,8 @@ class ModelRunner:
             short_prefill_width=self.attention_name in ("xla", "reference"),
         )
         self.max_prefill_rows = max(r for r, _ in self.buckets.prefill_shapes)
+        # Multi-host serving (engine/multihost.py): host 0 publishes each device operation before launching it.
+        self.mirror: Any = None
 
     # -- compilation ---------------------------------------------------------------------------
     def num_compiled(self) -> int:
@@ -310,6 +312,8 @@ class ModelRunner:
 
     def apply_forks(self, copies: list[tuple[int, int]], slot_forks: list[tuple[int, int]]) -> None:
         """Copy KV pages and fork penalty slots on the device (fixed width: padded no-ops)."""
+        if self.mirror is not None:
+            self.mirror("forks", copies, slot_forks)
         width = self.ecfg.max_running_requests
         for start in range(0, max(len(copies), 1), width):
             part = copies[start:start + width]
@@ -341,6 +345,8 @@ class ModelRunner:
         return time.perf_counter() - t0
 
     def _run(self, inp: StepInputs) -> tuple[SampleOutput, PromptLogprobs]:
+        if self.mirror is not None:
+            self.mirror("run", inp)
         sample_rows = inp.sampling.temperature.shape[0]  # built at the sampler's row bucket
         # Each donated buffer is replaced as soon as its successor exists, so a failure in a later call
         # leaves the runner with valid state whenever that is still possible (see `state_lost`).
@@ -351,6 +357,12 @@ class ModelRunner:
         )
         self.penalty = out.penalty
         return out, prompt
+
+    def run_mirrored(self, inp: StepInputs) -> None:
+        """A follower host's copy of host 0's step (engine/multihost.py): the same program on its shards.
+        Waiting for it bounds how far this host's dispatch queue runs ahead."""
+        out, _ = self._run(inp)
+        out.tokens.block_until_ready()
 
     def state_lost(self) -> bool:
         """True when a failed call consumed a donated buffer (KV cache, penalty state, last tokens) without
@@ -484,6 +496,13 @@ class ModelRunner:
         return PendingResult(out, n, prompt if int(inp.logprob_row) >= 0 else None)
 
 
+def _to_host(x: jax.Array) -> np.ndarray:
+    """A replicated result on the host; on a mesh spanning several hosts from this host's own copy."""
+    if x.is_fully_addressable:
+        return np.asarray(jax.device_get(x))
+    return np.asarray(x.addressable_shards[0].data)
+
+
 class PendingResult:
     """A dispatched step whose sampled tokens the host has not read yet (JAX dispatch is asynchronous)."""
 
@@ -497,8 +516,8 @@ class PendingResult:
     def result(self) -> StepResult:
         if self._result is None:
             o = self._out
-            host = jax.device_get((o.tokens, o.logprob, o.top_ids, o.top_logprobs, o.num_allowed))
-            self._result = StepResult(*(np.asarray(a)[: self._n] for a in host))
+            host = [_to_host(a) for a in (o.tokens, o.logprob, o.top_ids, o.top_logprobs, o.num_allowed)]
+            self._result = StepResult(*(a[: self._n] for a in host))
             self._out = None
         return self._result
 
@@ -508,7 +527,6 @@ class PendingResult:
             if self._prompt is None:
                 raise RuntimeError("internal error: this step computed no prompt logprobs")
             p = self._prompt
-            self._prompt_result = tuple(np.asarray(a) for a in jax.device_get(
-                (p.token_logprob, p.top_ids, p.top_logprobs)))
+            self._prompt_result = tuple(_to_host(a) for a in (p.token_logprob, p.top_ids, p.top_logprobs))
             self._prompt = None
         return self._prompt_result
