@@ -264,7 +264,7 @@ def engine_shape(cfg, chip: Chip, *, kv_memory_fraction: float, dtype: str = "bf
     max_pages_per_row = math.ceil(mml / page_size)
     plan = plan_tensor_parallel(cfg, tp_size)
     per_page = kv_bytes_per_page(plan.model_config, page_size, 4 if dtype == "float32" else 2) // tp_size
-    weight_bytes = per_device_param_bytes(unfused_abstract_params(cfg, dtype), plan)
+    weight_bytes = per_device_param_bytes(unfused_abstract_params(cfg, dtype), cfg, plan)
     full = ecfg.max_running_requests * max_pages_per_row + 1
     if num_pages is None:
         num_pages = kv_cache_pages(chip.hbm_bytes, weight_bytes, kv_memory_fraction, per_page, max_pages=full)
@@ -386,12 +386,18 @@ def compile_program(p: Program, mesh) -> Compiled:
     import jax
 
     t0 = time.perf_counter()
+    # A compile-only target's executables cannot be serialized into (or read back from) the persistent cache
+    # of this host's CPU backend: leave it out of these compiles.
+    cache_was = jax.config.jax_enable_compilation_cache
+    jax.config.update("jax_enable_compilation_cache", False)
     try:
         with jax.set_mesh(mesh):  # Pallas asks the mesh's devices for the chip kind while lowering
             compiled = p.fn.lower(*p.args).compile()
     except Exception as e:  # the target's compiler rejected the program: report, never hide
         return Compiled(p.name, p.kind, p.shape, time.perf_counter() - t0, 0, 0, 0, 0, None, None,
                         error=f"{type(e).__name__}: {str(e).strip().splitlines()[0][:400] if str(e).strip() else ''}")
+    finally:
+        jax.config.update("jax_enable_compilation_cache", cache_was)
     dt = time.perf_counter() - t0
     mem = compiled.memory_analysis()
     cost = compiled.cost_analysis()

@@ -140,7 +140,7 @@ class LLMEngine:
         self.end_token_ids = tuple(sorted(set(cfg.eos_token_ids) | set(self.tokenizer.eos_token_ids)))
         params = parts.params if parts.params is not None else load_params_deferred(Path(parts.path), cfg, self.dtype)
         self.tp_plan = plan_tensor_parallel(cfg, config.tp_size)
-        num_pages = self._num_pages(platform, per_device_param_bytes(params, self.tp_plan))
+        num_pages = self._num_pages(platform, per_device_param_bytes(params, cfg, self.tp_plan))
         self.allocator = PageAllocator(num_pages)
         from jaxserve.constrained.tables import GrammarPool
 

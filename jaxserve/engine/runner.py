@@ -28,7 +28,7 @@ from jaxserve.engine.request import Sequence
 from jaxserve.models.forward import make_forward
 from jaxserve.models.llama import fuse_projections, unstack_layers
 from jaxserve.models.sharding import (
-    ShardedCacheOps, cache_spec, make_mesh, param_shardings, place_params, plan_tensor_parallel, repeat_kv_heads,
+    ShardedCacheOps, cache_spec, make_mesh, param_shardings, place_params, plan_tensor_parallel, adapt_params,
 )
 from jaxserve.sampling.batch import SamplingBatch, SamplingRow, build_sampling_batch
 from jaxserve.sampling.params import MAX_TOP_LOGPROBS
@@ -249,7 +249,7 @@ class ModelRunner:
         self.mesh = mesh if mesh is not None else make_mesh(jax.devices()[:1])
         self.tp = tp = self.mesh.size
         self.plan = plan_tensor_parallel(model_config, tp)
-        params = repeat_kv_heads(params, model_config, self.plan.kv_repeat)
+        params = adapt_params(params, model_config, self.plan)
         model_config = self.plan.model_config
         self.cfg = model_config
         self.ecfg = engine_config

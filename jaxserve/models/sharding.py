@@ -35,11 +35,18 @@ class TensorParallelPlan:
 
     size: int
     kv_repeat: int  # each KV head stored this many times (1 unless the model has fewer KV heads than shards)
-    model_config: ModelConfig  # the served config: num_kv_heads multiplied by kv_repeat
+    # Query heads per (original) KV head after padding with zero heads so that every shard gets whole heads
+    # of whole GQA groups (Qwen2.5-7B: 28 heads = 4 groups of 7, padded to 8 at tp 8); = the model's when
+    # the heads already split.
+    group_size: int
+    model_config: ModelConfig  # the served config: KV heads x kv_repeat, query heads padded
     shard_vocab: bool  # embedding and LM head split by vocabulary (else replicated: vocab not divisible)
 
     def describe(self, original: ModelConfig) -> str:
         parts = [f"tensor parallel over {self.size} devices"]
+        if self.model_config.num_heads != original.num_heads:
+            parts.append(f"{original.num_heads} query heads padded to {self.model_config.num_heads} with zero heads "
+                         f"(q_proj and o_proj {self.model_config.num_heads / original.num_heads:.2f}x)")
         if self.kv_repeat > 1:
             parts.append(f"{original.num_kv_heads} KV heads repeated x{self.kv_repeat} (one per shard; the KV cache "
                          f"holds {self.kv_repeat}x the unreplicated bytes in total)")
@@ -51,9 +58,9 @@ class TensorParallelPlan:
 def plan_tensor_parallel(cfg: ModelConfig, tp: int) -> TensorParallelPlan:
     if tp < 1:
         raise ValueError(f"tp_size must be >= 1, got {tp}")
-    if cfg.num_heads % tp:
-        raise ValueError(f"tp_size {tp} does not divide the model's {cfg.num_heads} attention heads")
     kv = cfg.num_kv_heads
+    if cfg.num_heads % kv:
+        raise ValueError(f"the model's {cfg.num_heads} query heads do not form groups over {kv} KV heads")
     if kv >= tp and kv % tp:
         raise ValueError(f"tp_size {tp} does not divide the model's {kv} KV heads")
     if kv < tp and tp % kv:
@@ -61,7 +68,52 @@ def plan_tensor_parallel(cfg: ModelConfig, tp: int) -> TensorParallelPlan:
     if cfg.intermediate_size % tp:
         raise ValueError(f"tp_size {tp} does not divide the model's intermediate size {cfg.intermediate_size}")
     repeat = max(1, tp // kv)
-    return TensorParallelPlan(tp, repeat, cfg.replace(num_kv_heads=kv * repeat), cfg.vocab_size % tp == 0)
+    # Query heads per KV group, padded until each of the `repeat` copies of a KV head gets whole query heads
+    # and the padded total splits over tp (zero heads add nothing: their o_proj rows are zero).
+    group = cfg.num_heads // kv
+    padded = group
+    while padded % repeat or (kv * padded) % tp:
+        padded += 1
+    served = cfg.replace(num_kv_heads=kv * repeat, num_heads=kv * padded)
+    return TensorParallelPlan(tp, repeat, padded, served, cfg.vocab_size % tp == 0)
+
+
+def adapt_params(params: dict[str, Any], cfg: ModelConfig, plan: TensorParallelPlan) -> dict[str, Any]:
+    """The loaded parameters (unfused layout) in the shape `plan.model_config` describes: query heads padded
+    per GQA group, KV heads repeated. Lazy on `Deferred` leaves."""
+    return repeat_kv_heads(pad_query_heads(params, cfg, plan.group_size), cfg, plan.kv_repeat)
+
+
+def pad_query_heads(params: dict[str, Any], cfg: ModelConfig, group_size: int) -> dict[str, Any]:
+    """q_proj (kernel columns, bias) and o_proj (kernel rows) with each GQA group of query heads padded to
+    `group_size` heads by zeros: a zero query head attends uniformly, and its zero o_proj rows drop the result."""
+    group = cfg.num_heads // cfg.num_kv_heads
+    if group_size == group:
+        return params
+    kv, d, pad = cfg.num_kv_heads, cfg.head_dim, group_size - group
+
+    def widen(x: Any, axis: int) -> Any:
+        """Pad the heads packed along `axis` (-1: kernel columns / bias; -2: o_proj kernel rows)."""
+        def run(a: Any) -> Any:
+            xp = np if isinstance(a, np.ndarray) else jax.numpy
+            ax = a.ndim + axis
+            split = a.reshape(*a.shape[:ax], kv, group, d, *a.shape[ax + 1:])
+            widths = [(0, 0)] * split.ndim
+            widths[ax + 1] = (0, pad)
+            padded = xp.pad(split, widths)
+            return padded.reshape(*a.shape[:ax], kv * group_size * d, *a.shape[ax + 1:])
+
+        shape = list(x.shape)
+        shape[len(shape) + axis] = kv * group_size * d
+        return lazily(run, tuple(shape), x)
+
+    def layer(tree: dict[str, Any]) -> dict[str, Any]:
+        attn = dict(tree["self_attn"])
+        attn["q_proj"] = {key: widen(value, -1) for key, value in attn["q_proj"].items()}
+        attn["o_proj"] = {"kernel": widen(attn["o_proj"]["kernel"], -2)}
+        return {**tree, "self_attn": attn}
+
+    return {k: layer(v) if k == "layers" or k.startswith("layers_") else v for k, v in params.items()}
 
 
 def repeat_kv_heads(params: dict[str, Any], cfg: ModelConfig, repeat: int) -> dict[str, Any]:
@@ -141,15 +193,17 @@ def place_params(params: Any, shardings: Any) -> Any:
     return jax.tree.unflatten(treedef, placed)
 
 
-def per_device_param_bytes(params: Any, plan: TensorParallelPlan) -> int:
-    """Bytes of the loaded parameters (`params` before `repeat_kv_heads`) on each device once split by `plan`,
-    from shapes alone (nothing is read)."""
+def per_device_param_bytes(params: Any, cfg: ModelConfig, plan: TensorParallelPlan) -> int:
+    """Bytes of the loaded parameters of `cfg` (`params` before `adapt_params`) on each device once split by
+    `plan`, from shapes alone (nothing is read)."""
     total = 0
     for path, x in jax.tree_util.tree_flatten_with_path(params)[0]:
         names = _path_names(path)
         nbytes = int(np.prod(x.shape, dtype=np.int64)) * np.dtype(x.dtype).itemsize
         if len(names) > 1 and names[-2] in ("k_proj", "v_proj"):
             nbytes *= plan.kv_repeat
+        if len(names) > 1 and names[-2] in ("q_proj", "o_proj"):
+            nbytes = nbytes * plan.model_config.num_heads // cfg.num_heads
         if param_spec(names, len(x.shape), plan.shard_vocab) != P():
             nbytes //= plan.size
         total += nbytes

@@ -26,11 +26,11 @@ KEEP_ALL = jnp.iinfo(jnp.int32).min
 def top_k_barrier(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
     """lax.top_k behind an optimization barrier. Without it, when the values feed the threshold arithmetic,
     XLA:CPU was measured running a full-vocabulary sort instead of its TopK kernel (40 ms instead of 0.3 ms
-    for one row of 49152; 2 s at 64 rows). A third operand keeps the barrier a tuple of its own: XLA otherwise
-    folds `tuple(gte0(topk), gte1(topk))` into the TopK itself, and XLA:CPU's TopK decomposer CHECK-fails on a
-    multi-device program (tensor parallelism) whose TopK feeds a barrier directly."""
-    values, indices, _ = jax.lax.optimization_barrier((*jax.lax.top_k(x, k), jnp.zeros((), x.dtype)))
-    return values, indices
+    for one row of 49152; 2 s at 64 rows). One barrier per output: a barrier over both folds into one whose
+    operand is the TopK tuple itself, on which the TopK decomposer of XLA:CPU and XLA:GPU CHECK-fails in a
+    multi-device program (tensor parallelism); per-output barriers cost the same (bench_sampler.py)."""
+    values, indices = jax.lax.top_k(x, k)
+    return jax.lax.optimization_barrier(values), jax.lax.optimization_barrier(indices)
 
 
 def order_keys(x: jax.Array) -> jax.Array:
