@@ -36,6 +36,8 @@ def _check(report, tp: int, repeat: int):
     # The KV tokens a serving engine gets at this fraction (the minimal shape caps its own pool).
     chip_pages = kv_cache_pages(hbm, report.shape.weight_bytes, 0.85, report.shape.bytes_per_page)
     assert chip_pages * report.shape.engine_config.page_size > 100_000
+    # Decode programs copy nothing large (the KV cache, a weight shard): temporaries < 5 % of the chip's pool.
+    assert s["max_decode_temp_bytes"] < 0.05 * chip_pages * report.shape.bytes_per_page
     return s
 
 

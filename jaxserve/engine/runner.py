@@ -167,8 +167,13 @@ def _forward_step(forward, sample_rows: int, params, cache, penalty: PenaltyStat
     logits, cache, row_hidden = forward(params, tokens, inp.positions, cache, inp.meta, inp.logits_index,
                                         inp.logprob_row)
     # Only a step with a prompt-logprobs row pays for the LM head over its positions (XLA runs one branch).
-    prompt = jax.lax.cond(inp.logprob_row >= 0, partial(_prompt_logprobs, forward.head_logits, params),
-                          _no_prompt_logprobs, row_hidden, inp.logprob_targets)
+    # Decode programs (one token per row) never carry one, and leave the branch out: under tensor parallelism
+    # XLA:TPU gives it its own copy of the LM head shard in another layout (a 251 MiB temporary at 8B, tp 4).
+    if inp.tokens.shape[1] == 1:
+        prompt = _no_prompt_logprobs(row_hidden, inp.logprob_targets)
+    else:
+        prompt = jax.lax.cond(inp.logprob_row >= 0, partial(_prompt_logprobs, forward.head_logits, params),
+                              _no_prompt_logprobs, row_hidden, inp.logprob_targets)
     logits = jnp.pad(logits, ((0, sample_rows - logits.shape[0]), (0, 0)))
     penalty = reset_slots(penalty, inp.reset_slot)
     penalty = add_prompt_tokens(penalty, inp.chunk_slot, inp.tokens, inp.chunk_prompt_len)
