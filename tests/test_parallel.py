@@ -244,3 +244,45 @@ def test_server_over_data_parallel_replicas(tp_model):
     assert metrics.status_code == 200 and "jaxserve" in metrics.text
     assert flushed.status_code == 200, flushed.text
     assert sum(dp.routed) == 6 and min(dp.routed) >= 1
+
+
+def test_weights_go_to_their_shards_one_host_tensor_at_a_time(tp_model, monkeypatch):
+    """Loading never holds the model in host memory: each parameter is read, sliced onto its devices and
+    let go before the next one is read; each device receives only its slice."""
+    from pathlib import Path
+
+    from jaxserve.models.deferred import Deferred
+    from jaxserve.models.llama import fuse_projections
+    from jaxserve.models.loader import load_params_deferred, read_model_config
+    from jaxserve.models.sharding import (
+        adapt_params, device_bytes, make_mesh, param_shardings, place_params, plan_tensor_parallel,
+    )
+
+    path = Path(tp_model("qwen3"))
+    cfg = read_model_config(path)
+    plan = plan_tensor_parallel(cfg, 4)
+    tree = fuse_projections(adapt_params(load_params_deferred(path, cfg, "float32"), cfg, plan), groups=4)
+    events: list[str] = []
+
+    def tracked(leaf: Deferred) -> Deferred:
+        def make():
+            events.append("read")
+            return leaf.materialize()
+        return Deferred(leaf.shape, leaf.dtype, make)
+
+    original = jax.make_array_from_callback
+
+    def place(shape, sharding, callback):
+        slices = []
+        out = original(shape, sharding, lambda index: slices.append(callback(index).shape) or callback(index))
+        events.append("placed")
+        assert slices and all(np.prod(s) <= np.prod(shape) for s in slices)
+        return out
+
+    monkeypatch.setattr(jax, "make_array_from_callback", place)
+    tree = jax.tree.map(tracked, tree)
+    mesh = make_mesh(jax.devices()[:4])
+    placed = place_params(tree, param_shardings(tree, mesh, plan.shard_vocab))
+    assert events == ["read", "placed"] * len(jax.tree.leaves(placed))
+    total = sum(x.nbytes for x in jax.tree.leaves(placed))
+    assert all(device_bytes(placed, d) < 0.3 * total for d in mesh.devices.flat)
