@@ -22,3 +22,24 @@ def percentile(values: list[float], q: float) -> float:
     k = (len(s) - 1) * q / 100.0
     lo, hi = math.floor(k), math.ceil(k)
     return s[lo] + (s[hi] - s[lo]) * (k - lo)
+
+
+def machine() -> dict:
+    """The CPU this ran on (model name and flags that matter for XLA:CPU), cores and load: every number in
+    docs/benchmarks.md names its machine."""
+    import os
+    import platform
+
+    model, flags = platform.processor(), set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name") and model in ("", platform.processor()):
+                    model = line.split(":", 1)[1].strip()
+                elif line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    wanted = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_int8")
+    return {"cpu": model, "cpu_flags": [f for f in wanted if f in flags], "cpu_count": os.cpu_count(),
+            "load_avg_1m": round(os.getloadavg()[0], 2)}

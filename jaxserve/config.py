@@ -151,6 +151,11 @@ class EngineConfig:
     # Engine replicas on disjoint groups of tp_size devices behind one server (engine/data_parallel.py).
     dp_size: int = 1
     compilation_cache_dir: str | None = "auto"  # "auto" = cache_dir()/xla; None disables
+    # Serialized step executables (engine/programs.py): a warm start loads them without tracing anything.
+    executable_cache_dir: str | None = "auto"  # "auto" = cache_dir()/executables; None disables
+    # The server starts once the programs any step needs are ready and compiles the cheaper buckets in
+    # the background (serving never compiles: steps use the ready buckets meanwhile).
+    compile_in_background: bool = True
     seed: int = 0
     layer_loop: str = "auto"  # auto (a Python loop on CPU, lax.scan elsewhere) | scan | loop
     grammar_capacity_states: int = 16384  # rows of the device grammar mask pool (vocab/8 bytes each)

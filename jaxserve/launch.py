@@ -77,6 +77,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compilation-cache-dir", type=_cache_dir_flag, default=S,
                    help="persistent XLA compilation cache: a directory, 'auto' ($JAXSERVE_CACHE/xla, the default) "
                         "or 'none'")
+    p.add_argument("--executable-cache-dir", type=_cache_dir_flag, default=S,
+                   help="compiled step programs kept across starts: a directory, 'auto' ($JAXSERVE_CACHE/executables, "
+                        "the default) or 'none'")
+    p.add_argument("--no-background-compile", dest="compile_in_background", action="store_false", default=S,
+                   help="compile every bucket before serving (default: serve once the essential programs are "
+                        "ready, compile the rest in the background)")
     p.add_argument("--grammar-capacity-states", type=int, default=S,
                    help="rows of the device pool of constraint mask rows (vocab/8 bytes each)")
     p.add_argument("--grammar-class-map-slots", type=int, default=S,
@@ -217,6 +223,9 @@ async def serve(config: ServerConfig) -> int:
     failures: list[BaseException] = []
     server: uvicorn.Server | None = None
     channel = None  # multi-host: host 0 publishes its device operations to the other hosts
+    from jaxserve.startup import StartupProgress
+
+    progress = StartupProgress(on_status=lambda text: setattr(app.state.jaxserve, "startup_progress", text))
 
     async def load_engine():
         from jaxserve.engine.async_engine import AsyncEngine
@@ -224,6 +233,7 @@ async def serve(config: ServerConfig) -> int:
 
         t0 = time.perf_counter()
         nonlocal channel
+        progress.phase(f"loading the model {config.engine.model or '(embedded default: SmolLM2-135M-Instruct)'}")
         make = DataParallelEngine.from_config if config.engine.dp_size > 1 else AsyncEngine.from_config
         engine = await asyncio.to_thread(make, config.engine)
         if config.nnodes > 1:
@@ -232,8 +242,15 @@ async def serve(config: ServerConfig) -> int:
             channel = OpChannel()
             lead(engine.engine, channel)
         t1 = time.perf_counter()
-        await engine.start()
-        logger.info("model loaded in %.1f s, precompiled in %.1f s", t1 - t0, time.perf_counter() - t1)
+        progress.phase(f"model loaded in {t1 - t0:.1f} s; preparing the programs a first request needs")
+        await engine.start(progress)
+        replicas = getattr(engine, "replicas", [engine])
+        programs = [r.engine.runner.programs for r in replicas]
+        background = sum(p.background_running for p in programs)
+        progress.phase(
+            f"ready in {time.perf_counter() - t0:.1f} s: {sum(len(p) for p in programs)} programs "
+            f"({sum(p.num_compiled for p in programs)} compiled, {sum(p.num_loaded for p in programs)} loaded from the "
+            f"executable cache)" + ("; the other buckets compile in the background" if background else ""))
         return engine
 
     async def on_ready() -> None:
@@ -284,6 +301,7 @@ def follow_host0(config: ServerConfig) -> int:
     from jaxserve.engine.multihost import OpChannel, follow
 
     engine = LLMEngine(config.engine)
+    engine.warmup()  # every program host 0 may launch, before following it
     print(f"jaxserve: host {config.node_rank} of {config.nnodes} ready, following host 0", flush=True)
     follow(engine, OpChannel())
     return 0

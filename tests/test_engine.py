@@ -139,16 +139,20 @@ def test_preemption_completes_everything_with_the_same_tokens(engine):
     assert small.allocator.num_free == small.allocator.num_usable
 
 
-def test_no_compilation_after_warmup(engine):
+def _serve_a_mixed_load_counting_compiles(engine) -> list[float]:
+    """Serve every kind of request through `engine`; the compilations on this (the engine's) thread."""
+    import threading
+
     compiles = []
+    me = threading.current_thread()
 
     def listener(event, duration, **kw):
-        if event == "/jax/core/compile/backend_compile_duration":
+        # Compiles of the background thread (warmup(background=True)) are expected; serving must not compile.
+        if event == "/jax/core/compile/backend_compile_duration" and threading.current_thread() is me:
             compiles.append(duration)
 
     jax.monitoring.register_event_duration_secs_listener(listener)
     try:
-        before = engine.runner.num_compiled()
         rng = random.Random(7)
         requests = {}
         for i in range(200):
@@ -171,8 +175,29 @@ def test_no_compilation_after_warmup(engine):
         run_to_completion(engine, requests, arrivals)
     finally:
         jax.monitoring.clear_event_listeners()
+    return compiles
+
+
+def test_no_compilation_after_warmup(engine):
+    before = engine.runner.num_compiled()
+    compiles = _serve_a_mixed_load_counting_compiles(engine)
     assert engine.runner.num_compiled() == before
     assert compiles == [], f"{len(compiles)} compilations after warm-up"
+    assert engine.runner.programs.compiled_while_serving == 0
+
+
+def test_no_compilation_while_buckets_compile_in_the_background(tiny_engine_config, tmp_path):
+    """Serving starts once the essential programs are ready; steps use the ready buckets (padded) while the
+    rest compile on their own thread, and the scheduler forms only prefill chunks they hold."""
+    eng = LLMEngine(tiny_engine_config(executable_cache_dir=str(tmp_path)))
+    eng.warmup(background=True)
+    programs = eng.runner.programs
+    assert len(programs) == eng.runner.essential_count < len(eng.runner.program_specs())
+    compiles = _serve_a_mixed_load_counting_compiles(eng)
+    assert compiles == [], f"{len(compiles)} compilations on the serving thread"
+    assert programs.compiled_while_serving == 0
+    assert programs.wait_background(timeout=600) and programs.background_error is None
+    assert len(programs) == len(eng.runner.program_specs())
 
 
 def test_seeds_are_reproducible_and_independent_of_companions(engine):

@@ -222,7 +222,7 @@ def test_a_dead_engine_thread_is_noticed_and_nobody_hangs(tiny_engine_config):
         raise ThreadKiller("simulated crash outside any request")
 
     eng.step = step
-    eng.warmup = lambda progress=None: 0.0  # the step is replaced: nothing to compile
+    eng.warmup = lambda progress=None, background=False: 0.0  # the step is replaced: nothing to compile
 
     async def main():
         aeng = AsyncEngine(eng, watchdog_interval_s=0.05)
@@ -250,7 +250,7 @@ def test_a_stuck_step_is_noticed_by_the_watchdog(tiny_engine_config):
         return []
 
     eng.step = step
-    eng.warmup = lambda progress=None: 0.0
+    eng.warmup = lambda progress=None, background=False: 0.0
 
     async def main():
         aeng = AsyncEngine(eng, stuck_step_timeout_s=0.3, watchdog_interval_s=0.05)

@@ -139,7 +139,7 @@ def test_batched_prompts_enter_the_engine_together(engine):
 
 def test_a_dead_engine_turns_health_503_and_answers_everyone(tiny_engine_config):
     inner = LLMEngine(tiny_engine_config())
-    inner.warmup = lambda progress=None: 0.0  # never steps for real
+    inner.warmup = lambda progress=None, background=False: 0.0  # never steps for real
     with started(inner, watchdog_interval_s=0.05) as aeng:
         app = make_app(aeng)
         (health,) = call(app, ("GET", "/health", None))

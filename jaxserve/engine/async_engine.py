@@ -92,10 +92,11 @@ class AsyncEngine:
             raise EngineBusy(f"the server is overloaded: {limit} requests are already queued; retry later")
 
     async def start(self, progress=None) -> None:
-        """Precompile every shape bucket, then start the engine thread and its watchdog."""
+        """Make the step programs ready (the essential ones; the rest compile in the background when the config
+        says so), then start the engine thread and its watchdog."""
         if self._thread is not None:
             return
-        await asyncio.to_thread(self.engine.warmup, progress)
+        await asyncio.to_thread(self.engine.warmup, progress, self.engine.config.compile_in_background)
         self._thread = threading.Thread(target=self._loop, name="jaxserve-engine", daemon=True)
         self._thread.start()
         self._watchdog = threading.Thread(target=self._watch, name="jaxserve-engine-watchdog", daemon=True)
@@ -104,11 +105,14 @@ class AsyncEngine:
 
     async def shutdown(self) -> None:
         self._stopping.set()
+        self.engine.runner.programs.stop_background()
         self._inbox.put(("wake",))
         if self._thread is not None:
             # A dead engine's thread may be stuck in a step that never returns: do not wait long for it.
             await asyncio.to_thread(self._thread.join, 1.0 if self.dead_reason else 30.0)
         self._thread = None
+        if self.dead_reason is None:
+            self.engine.runner.save_bucket_use()  # the next start compiles what this traffic used first
         for rid in list(self._streams):
             self._deliver(rid, EngineBusy("the server is shutting down"))
         self._streams.clear()

@@ -6,6 +6,7 @@ the offline batch API on the same core.
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import math
@@ -85,7 +86,24 @@ def resolve_dtype(dtype: str, platform: str) -> str:
     return "float32" if platform == "cpu" else "bfloat16"
 
 
-def enable_compilation_cache(setting: str | None) -> None:
+def executable_cache_path(setting: str | None) -> Path | None:
+    """--executable-cache-dir: "auto" = cache_dir()/executables, a directory, or None (nothing kept)."""
+    if setting is None:
+        return None
+    return cache_dir() / "executables" if setting == "auto" else Path(setting)
+
+
+def enable_compilation_cache(setting: str | None, executable_cache: bool = False) -> None:
+    """JAX's persistent compilation cache for the programs outside the executable cache. With the executable
+    cache on it is turned off for the process: XLA:CPU executables that JAX's cache served serialize
+    without their compiled functions ("Function ... not found" when the copy runs), so the step programs
+    must be compiled afresh once to be kept, and the executable cache then serves them without tracing."""
+    if executable_cache:
+        from jax.experimental.compilation_cache import compilation_cache
+
+        jax.config.update("jax_enable_compilation_cache", False)
+        compilation_cache.reset_cache()  # JAX decides once per process whether the cache is used
+        return
     if setting is None:
         return
     path = cache_dir() / "xla" if setting == "auto" else setting
@@ -121,7 +139,7 @@ class LLMEngine:
         # Test hook for fault injection: called as fault_hook(stage, request_id) with stage "add" (preparing
         # a request), "step" (building its row of a step) or "postprocess" (reading its sampled token).
         self.fault_hook: Callable[[str, str], None] | None = None
-        enable_compilation_cache(config.compilation_cache_dir)
+        enable_compilation_cache(config.compilation_cache_dir, executable_cache=config.executable_cache_dir is not None)
         self.mesh = make_mesh(engine_devices(config.tp_size, devices))
         platform = self.mesh.devices.flat[0].platform
         requested_len = config.max_model_len
@@ -153,6 +171,7 @@ class LLMEngine:
             cfg, params, config, dtype=self.dtype, num_pages=num_pages, max_model_len=self.max_model_len,
             end_token_ids=self.end_token_ids, grammar_tables_fn=lambda: self.grammar_pool.tables,
             interpret_kernels=interpret_kernels, mesh=self.mesh,
+            executable_cache_dir=executable_cache_path(config.executable_cache_dir),
         )
         self.scheduler = Scheduler(
             SchedulerLimits(
@@ -176,6 +195,7 @@ class LLMEngine:
         self.num_failed_requests_total = 0
         self.num_prefill_tokens_computed = 0  # prompt tokens actually run through the model
         self.warmup_seconds: float | None = None
+        self._programs_version = -1
         # Compiles constraints on its own bounded pool, under time and memory budgets, with a byte-bounded
         # cache (the vocabulary's token bytes are read at the first compile).
         self.constraints = ConstraintService(
@@ -350,9 +370,22 @@ class LLMEngine:
         cache = self.scheduler.prefix_cache
         return cache.flush() if cache is not None else 0
 
-    def warmup(self, progress=None) -> float:
-        self.warmup_seconds = self.runner.warmup(progress)
+    def warmup(self, progress=None, background: bool = False) -> float:
+        """Make the step programs ready (engine/programs.py); background=True: the essential ones now and the
+        rest on a thread of their own while serving (the scheduler keeps to the ready buckets)."""
+        self.warmup_seconds = self.runner.warmup(progress, background=background)
+        self._follow_ready_programs()
         return self.warmup_seconds
+
+    def _follow_ready_programs(self) -> None:
+        """While buckets compile in the background, prefill chunks are formed only for ready prefill programs."""
+        version = self.runner.programs.version
+        if version == self._programs_version:
+            return
+        self._programs_version = version
+        max_rows, tokens_for_rows = self.runner.prefill_limits()
+        self.scheduler.limits = dataclasses.replace(self.scheduler.limits, max_prefill_rows=max_rows,
+                                                    prefill_tokens_for_rows=tokens_for_rows)
 
     # -- one step --------------------------------------------------------------------------------
     def _sampling_row(self, seq: Sequence, emits: bool) -> SamplingRow:
@@ -386,6 +419,7 @@ class LLMEngine:
         A failure that concerns one request (preparing its row, reading or post-processing its token)
         fails that request alone; the others go on. `EngineDead` means the device state was lost."""
         advanced: list[Sequence] = []
+        self._follow_ready_programs()
         if self._pending and any(s.grammar is not None and not s.grammar_on_device for s in self.scheduler.running):
             advanced += self._resolve(self._pending)
             self._pending = []

@@ -11,7 +11,8 @@ import math
 import time
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Sequence as Seq
+from pathlib import Path
+from typing import Any, Callable, Sequence as Seq
 
 import jax
 import jax.numpy as jnp
@@ -23,6 +24,7 @@ from jaxserve.constrained.tables import GrammarTables
 from jaxserve.engine.attention import PagedCacheOps, PagedMeta, select_attention
 from jaxserve.engine.host_memory import keep_freed_memory_in_heap
 from jaxserve.engine.kv_cache import PagedKVCache, init_paged_cache
+from jaxserve.engine.programs import BuildEvent, ExecutableCache, ProgramSet, ProgramSpec, abstract
 from jaxserve.engine.scheduler import PrefillChunk
 from jaxserve.engine.request import Sequence
 from jaxserve.models.forward import make_forward
@@ -38,6 +40,7 @@ from jaxserve.sampling.sampler import SampleOutput, sample_with_grammar
 log = logging.getLogger(__name__)
 
 NUM_TOP_LOGPROBS = 20
+MIN_RECORDED_STEPS = 2000  # recorded steps before unused buckets are dropped from the background compile
 
 
 def _pow2_upto(limit: int, start: int = 1) -> list[int]:
@@ -247,6 +250,7 @@ class ModelRunner:
         grammar_tables_fn,
         interpret_kernels: bool = False,
         mesh: Mesh | None = None,
+        executable_cache_dir: "Path | None" = None,
     ) -> None:
         """`model_config` and `params` as loaded (host, device or `Deferred` arrays); `mesh`: the devices of
         this engine along the `tensor` axis (None: the default device alone). The runner splits the model over
@@ -310,10 +314,107 @@ class ModelRunner:
         self.max_prefill_rows = max(r for r, _ in self.buckets.prefill_shapes)
         # Multi-host serving (engine/multihost.py): host 0 publishes each device operation before launching it.
         self.mirror: Any = None
+        # Ready executables by bucket, kept on disk across starts (engine/programs.py).
+        self._state_abstract = self._abstract_state()
+        context = repr((model_config, dtype, self.attention_name, self.scan_layers, self.page_size, tp))
+        self.programs = ProgramSet(ExecutableCache(executable_cache_dir, context, list(self.mesh.devices.flat)))
+        self.essential_count = 0
+        self.warmed_up = False  # before `warmup`, every step compiles its own bucket on first use
+        self.bucket_use: dict[tuple[int, ...], int] = {}  # forward steps per bucket (save_bucket_use)
 
     # -- compilation ---------------------------------------------------------------------------
     def num_compiled(self) -> int:
-        return sum(f._cache_size() for f in (self._forward, self._sample, self._copy_pages, self._fork_slots))
+        """Programs ready to run (compiled here or loaded from the executable cache)."""
+        return len(self.programs)
+
+    def _abstract_state(self) -> tuple:
+        return abstract((self.params, self.cache, self.penalty, self.last_tokens))
+
+    def program_specs(self) -> list[ProgramSpec]:
+        """Every program serving may call, the ones a first request needs first (`essential_count` of them):
+        decode at the most rows and the widest page table (holds any decode step), prefill of one row at the
+        longest chunk and the widest table (holds any prefill chunk), their samplers and the page copy / slot
+        fork; then, smallest first, the buckets that make small batches cheap."""
+        b, state = self.buckets, self._state_abstract
+        params, cache, penalty, last_tokens = state
+        grammar = abstract(self._grammar_tables_fn())
+        end_ids, grammar_state = abstract(self.end_ids), abstract(self.grammar_state)
+        width = self.ecfg.max_running_requests
+        idx = jax.ShapeDtypeStruct((width,), np.int32)
+
+        def forward(rows: int, tokens: int, pages: int) -> ProgramSpec:
+            inp = abstract(self._empty_inputs(rows, tokens, pages))
+            return ProgramSpec("forward", (rows, tokens, pages), self._forward, (self._sample_rows(rows),),
+                               (params, cache, penalty, last_tokens, inp))
+
+        def sampler(rows: int) -> ProgramSpec:
+            logits = jax.ShapeDtypeStruct((rows, self.cfg.vocab_size), np.float32, sharding=self.replicated)
+            sampling = abstract(build_sampling_batch([], rows))
+            return ProgramSpec("sample", (rows,), self._sample, (),
+                               (logits, sampling, penalty, grammar, end_ids, last_tokens, grammar_state))
+
+        decode = [(r, 1, w) for r in b.decode_rows for w in b.page_widths]
+        prefill = [(r, t, w) for r, t in b.prefill_shapes for w in b.prefill_widths]
+        first = [(b.decode_rows[-1], 1, b.page_widths[-1]), (1, self.max_chunk, b.prefill_widths[-1])]
+        if first[1] not in prefill:  # a single-row shape at the longest chunk always exists (Buckets.make)
+            first[1] = max(prefill, key=lambda s: (s[1], -s[0], s[2]))
+        essential = [forward(*s) for s in first]
+        samplers = sorted({self._sample_rows(s[0]) for s in first})
+        essential += [sampler(r) for r in samplers]
+        essential += [ProgramSpec("copy_pages", (width,), self._copy_pages, (), (cache, idx, idx)),
+                      ProgramSpec("fork_slots", (width,), self._fork_slots, (), (penalty, idx, idx))]
+        rest_samplers = [sampler(r) for r in b.sample_rows if r not in samplers]
+        rest = sorted((s for s in decode + prefill if s not in first), key=lambda s: (s[0] * s[1], s[2], s[0]))
+        # Samplers first: a forward bucket is usable only once the sampler of its row count is ready.
+        self.essential_count = len(essential)
+        return essential + rest_samplers + [forward(*s) for s in rest]
+
+    def warmup(self, progress: Callable[[BuildEvent], None] | None = None, background: bool = False) -> float:
+        """Make the programs ready (loaded from the executable cache or compiled); returns seconds taken.
+        background=True: only the essential ones now (any step can run, padded), the rest on a thread of
+        their own while serving goes on (`programs.background_running`)."""
+        t0 = time.perf_counter()
+        specs = self.program_specs()
+        self.warmed_up = True
+        if background:
+            self.programs.build_all(specs[:self.essential_count], progress)
+            self.programs.start_background(self._by_recorded_use(specs[self.essential_count:]), progress)
+        else:
+            self.programs.build_all(specs, progress)
+        return time.perf_counter() - t0
+
+    def _by_recorded_use(self, specs: list[ProgramSpec]) -> list[ProgramSpec]:
+        """The background builds in order of the traffic earlier runs recorded (`save_bucket_use`): most used
+        first; forward buckets no step used in at least MIN_RECORDED_STEPS recorded steps are dropped (a step
+        that would have used one takes a larger ready bucket). Without a record: smallest first."""
+        recorded = self.programs.cache.read_use()
+        steps = sum(recorded.values())
+        if steps < MIN_RECORDED_STEPS:
+            return specs
+        used = [s for s in specs if s.kind != "forward" or recorded.get(repr(s.shape), 0) > 0]
+        dropped = len(specs) - len(used)
+        if dropped:
+            log.info("%d forward buckets were never used in %d recorded steps: not compiled", dropped, steps)
+        return sorted(used, key=lambda s: (s.kind == "forward", -recorded.get(repr(s.shape), 0)))
+
+    def save_bucket_use(self) -> None:
+        """Add this run's forward-bucket use to the record the next start orders its compiles by."""
+        self.programs.cache.add_use({repr(shape): n for shape, n in self.bucket_use.items()})
+        self.bucket_use.clear()
+
+    def _program(self, kind: str, shape: tuple[int, ...]) -> Any:
+        """The ready executable; a step whose bucket is not ready compiles it here (the scheduler and the
+        shape choice below keep serving on ready buckets, so this is a fallback, logged and counted)."""
+        compiled = self.programs.get(kind, shape)
+        if compiled is not None:
+            return compiled
+        for spec in self.program_specs():
+            if spec.kind == kind and spec.shape == shape:
+                if self.warmed_up:
+                    log.warning("compiling %s %s while serving (not ready yet)", kind, shape)
+                    self.programs.compiled_while_serving += 1
+                return self.programs.build(spec)[0]
+        raise RuntimeError(f"internal error: no {kind} program of shape {shape}")
 
     def apply_forks(self, copies: list[tuple[int, int]], slot_forks: list[tuple[int, int]]) -> None:
         """Copy KV pages and fork penalty slots on the device (fixed width: padded no-ops)."""
@@ -326,38 +427,28 @@ class ModelRunner:
             dst = np.zeros(width, np.int32)  # padding copies the null page onto itself
             for i, (a, b) in enumerate(part):
                 src[i], dst[i] = a, b
-            self.cache = self._copy_pages(self.cache, src, dst)
+            self.cache = self._program("copy_pages", (width,))(self.cache, src, dst)
         for start in range(0, max(len(slot_forks), 1), width):
             part = slot_forks[start:start + width]
             src = np.zeros(width, np.int32)
             dst = np.full(width, -1, np.int32)
             for i, (a, b) in enumerate(part):
                 src[i], dst[i] = a, b
-            self.penalty = self._fork_slots(self.penalty, src, dst)
-
-    def warmup(self, progress=None) -> float:
-        """Compile every bucket by running it once on an all-padding batch; returns seconds taken."""
-        t0 = time.perf_counter()
-        shapes = [(r, 1, p) for r in self.buckets.decode_rows for p in self.buckets.page_widths]
-        shapes += [(r, t, w) for r, t in self.buckets.prefill_shapes for w in self.buckets.prefill_widths]
-        self.apply_forks([], [])
-        for i, (rows, tokens, pages) in enumerate(shapes):
-            inp = self._empty_inputs(rows, tokens, pages)
-            out, _ = self._run(inp)
-            jax.block_until_ready(out.tokens)
-            if progress is not None:
-                progress(i + 1, len(shapes), (rows, tokens, pages))
-        return time.perf_counter() - t0
+            self.penalty = self._program("fork_slots", (width,))(self.penalty, src, dst)
 
     def _run(self, inp: StepInputs) -> tuple[SampleOutput, PromptLogprobs]:
         if self.mirror is not None:
             self.mirror("run", inp)
+        rows, tokens = inp.tokens.shape
         sample_rows = inp.sampling.temperature.shape[0]  # built at the sampler's row bucket
+        shape = (rows, tokens, inp.meta.page_table.shape[1])
+        forward = self._program("forward", shape)
+        self.bucket_use[shape] = self.bucket_use.get(shape, 0) + 1
+        sample = self._program("sample", (sample_rows,))
         # Each donated buffer is replaced as soon as its successor exists, so a failure in a later call
         # leaves the runner with valid state whenever that is still possible (see `state_lost`).
-        logits, self.cache, penalty, prompt = self._forward(sample_rows, self.params, self.cache, self.penalty,
-                                                            self.last_tokens, inp)
-        out, self.last_tokens, self.grammar_state = self._sample(
+        logits, self.cache, penalty, prompt = forward(self.params, self.cache, self.penalty, self.last_tokens, inp)
+        out, self.last_tokens, self.grammar_state = sample(
             logits, inp.sampling, penalty, self._grammar_tables_fn(), self.end_ids, self.last_tokens, self.grammar_state
         )
         self.penalty = out.penalty
@@ -376,6 +467,39 @@ class ModelRunner:
         return any(x.is_deleted() for x in leaves)
 
     # -- building inputs -------------------------------------------------------------------------
+    def _usable(self, rows: int) -> bool:
+        return self.programs.get("sample", (self._sample_rows(rows),)) is not None
+
+    def _decode_shape(self, rows: int, pages: int) -> tuple[int, int]:
+        """The decode bucket for a step: its own when ready, else the cheapest ready one that holds it (the
+        rest are still compiling in the background)."""
+        exact = self.buckets.decode_shape(rows, pages)
+        if not self.warmed_up or (self.programs.get("forward", (exact[0], 1, exact[1])) is not None
+                                  and self._usable(exact[0])):
+            return exact
+        ready = [(r, w) for r, t, w in self.programs.ready_shapes("forward")
+                 if t == 1 and r >= rows and w >= pages and self._usable(r)]
+        return min(ready, key=lambda s: (s[0] * s[1], s[0])) if ready else exact
+
+    def _prefill_shape(self, rows: int, tokens: int, pages: int) -> tuple[int, int, int]:
+        exact = self.buckets.prefill_shape(rows, tokens, pages)
+        if not self.warmed_up or (self.programs.get("forward", exact) is not None and self._usable(exact[0])):
+            return exact
+        ready = [(r, t, w) for r, t, w in self.programs.ready_shapes("forward")
+                 if t > 1 and r >= rows and t >= tokens and w >= pages and self._usable(r)]
+        return min(ready, key=lambda s: (s[0] * s[1], s[2])) if ready else exact
+
+    def prefill_limits(self) -> tuple[int, tuple[int, ...]]:
+        """(most rows, longest chunk per row count) of the prefill steps the ready programs hold at the widest
+        page table: what the scheduler may form while buckets still compile (all of them once ready)."""
+        widest = self.buckets.prefill_widths[-1]
+        ready = [(r, t) for r, t, w in self.programs.ready_shapes("forward")
+                 if t > 1 and w == widest and self._usable(r)]
+        if not self.warmed_up or not ready:
+            return self.max_prefill_rows, self.buckets.prefill_tokens_for_rows()
+        max_rows = max(r for r, _ in ready)
+        return max_rows, tuple(max(t for r, t in ready if r >= k) for k in range(1, max_rows + 1))
+
     def _sample_rows(self, rows: int) -> int:
         """The sampler's row bucket for a batch of `rows` (the sampling batch is built at this size)."""
         return _first_at_least(self.buckets.sample_rows, rows)
@@ -422,7 +546,7 @@ class ModelRunner:
         """Host arrays of a decode step (pure host work: a failure here leaves the device state intact)."""
         n = len(seqs)
         max_pages = max(len(s.pages) for s in seqs)
-        rows, width = self.buckets.decode_shape(n, max_pages)
+        rows, width = self._decode_shape(n, max_pages)
         tokens = np.zeros((rows, 1), np.int32)
         positions = np.zeros((rows, 1), np.int32)
         page_table = np.zeros((rows, width), np.int32)
@@ -452,7 +576,7 @@ class ModelRunner:
     def prefill_inputs(self, chunks: list[PrefillChunk], rows_info: list[SamplingRow]) -> StepInputs:
         """Host arrays of a prefill step (pure host work, like `decode_inputs`)."""
         n = len(chunks)
-        rows, t, width = self.buckets.prefill_shape(n, max(c.length for c in chunks), max(len(c.seq.pages) for c in chunks))
+        rows, t, width = self._prefill_shape(n, max(c.length for c in chunks), max(len(c.seq.pages) for c in chunks))
         tokens = np.zeros((rows, t), np.int32)
         positions = np.zeros((rows, t), np.int32)
         page_table = np.zeros((rows, width), np.int32)

@@ -10,11 +10,13 @@ path needs torch, which the server must not).
 from __future__ import annotations
 
 import hashlib
+import logging
 import json
 import os
 import shutil
 import struct
 import tempfile
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +26,8 @@ import numpy as np
 
 from jaxserve.config import cache_dir
 from jaxserve.models.gguf_tokenizer import tokenizer_files
+
+logger = logging.getLogger(__name__)
 
 # Bump when the layout of a converted directory changes, so stale caches are not reused.
 CONVERTER_VERSION = 1
@@ -423,6 +427,8 @@ def convert_gguf(gguf_path: str | os.PathLike[str]) -> Path:
     target = converted_dir(path)
     if (target / "config.json").is_file():
         return target
+    t0 = time.perf_counter()
+    logger.info("converting %s to a Hugging Face directory (once; cached at %s)", path.name, target)
     gf = read_gguf(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
@@ -438,4 +444,5 @@ def convert_gguf(gguf_path: str | os.PathLike[str]) -> Path:
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
+    logger.info("converted %s in %.1f s", path.name, time.perf_counter() - t0)
     return target

@@ -20,6 +20,7 @@ class ServerState:
     config: ServerConfig
     engine: "AsyncEngine | None" = None
     startup_error: str | None = None
+    startup_progress: str | None = None  # what the start is doing now (jaxserve.startup), for /health
     created: int = 0
     metrics: ServerMetrics = field(init=False)
     _token_bytes: Sequence[bytes | None] | None = field(default=None, init=False, repr=False)
@@ -44,7 +45,9 @@ class ServerState:
         if self.engine is None:
             if self.startup_error:
                 raise server_busy(f"the engine failed to start: {self.startup_error}")
-            raise server_busy("the server is starting: the engine is loading the model and compiling; retry shortly")
+            doing = f" ({self.startup_progress})" if self.startup_progress else ""
+            raise server_busy(f"the server is starting: the engine is loading the model and compiling{doing}; "
+                              "retry shortly")
         return self.engine
 
     @property
