@@ -47,6 +47,11 @@ def start_once(cache: Path, extra: list[str], timeout_s: float) -> dict:
         assert proc.stdout is not None
         for line in proc.stdout:
             lines.append(line)
+            for key, marker in (("loading_s", "jaxserve.startup: loading the model"),
+                                ("model_loaded_s", "jaxserve.startup: model loaded"),
+                                ("ready_s", "jaxserve.startup: ready in")):
+                if marker in line and key not in out:
+                    out[key] = round(time.perf_counter() - t0, 2)
             m = READY.search(line)
             if m:
                 out.update(ready_programs=int(m.group(2)), compiled=int(m.group(3)), loaded=int(m.group(4)))
@@ -63,9 +68,11 @@ def start_once(cache: Path, extra: list[str], timeout_s: float) -> dict:
     try:
         if not serving.wait(timeout_s):
             raise RuntimeError("no 'serving at' line:\n" + "".join(lines[-30:]))
-        body = {"model": "default", "messages": [{"role": "user", "content": "What is the capital of France?"}],
+        base = out.pop("base")
+        model = httpx.get(f"{base}/v1/models", timeout=30).json()["data"][0]["id"]
+        body = {"model": model, "messages": [{"role": "user", "content": "What is the capital of France?"}],
                 "max_tokens": 16, "temperature": 0}
-        r = httpx.post(f"{out.pop('base')}/v1/chat/completions", json=body, timeout=timeout_s)
+        r = httpx.post(f"{base}/v1/chat/completions", json=body, timeout=timeout_s)
         r.raise_for_status()
         out["first_answer_s"] = round(time.perf_counter() - t0, 2)
         out["answer"] = r.json()["choices"][0]["message"]["content"]
