@@ -200,41 +200,23 @@ def _sds(x, sharding=None):
 def unfused_abstract_params(cfg, dtype: str):
     """ShapeDtypeStructs of the loaded parameter tree (stacked layers, separate q/k/v and gate/up), what the
     engine's per-device sizing reads."""
-    import jax
-    import jax.numpy as jnp
+    from jaxserve.models.forward import param_shapes
 
-    from jaxserve.models.contiguous import ContiguousCacheOps, ContiguousMeta
-    from jaxserve.models.llama import LlamaModel, dtype_of
-
-    model = LlamaModel(cfg, dtype_of(dtype), ContiguousCacheOps(cfg.head_dim**-0.5), scan_layers=True)
-    ids = jnp.zeros((1, 1), jnp.int32)
-    cache_shape = (cfg.num_layers, 1, 1, cfg.num_kv_heads, cfg.head_dim)
-    cache = (jnp.zeros(cache_shape, dtype_of(dtype)), jnp.zeros(cache_shape, dtype_of(dtype)))
-    meta = ContiguousMeta(jnp.zeros(1, jnp.int32), jnp.ones(1, jnp.int32))
-    return jax.eval_shape(lambda: model.init(jax.random.key(0), ids, ids, cache, meta))["params"]
+    return param_shapes(cfg, dtype)
 
 
 def abstract_params(cfg, dtype: str, sharding=None):
     """ShapeDtypeStructs of the runner's parameter tree (stacked layers, fused projections); `sharding`: one
     sharding for every leaf, or a function (path names, shape) -> sharding."""
     import jax
-    import jax.numpy as jnp
 
-    from jaxserve.models.contiguous import ContiguousCacheOps, ContiguousMeta
-    from jaxserve.models.llama import LlamaModel, dtype_of
+    from jaxserve.models.forward import param_shapes
+    from jaxserve.models.sharding import path_names
 
-    model = LlamaModel(cfg, dtype_of(dtype), ContiguousCacheOps(cfg.head_dim**-0.5), scan_layers=True,
-                       fused_projections=True)
-    ids = jnp.zeros((1, 1), jnp.int32)
-    cache_shape = (cfg.num_layers, 1, 1, cfg.num_kv_heads, cfg.head_dim)
-    cache = (jnp.zeros(cache_shape, dtype_of(dtype)), jnp.zeros(cache_shape, dtype_of(dtype)))
-    meta = ContiguousMeta(jnp.zeros(1, jnp.int32), jnp.ones(1, jnp.int32))
-    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), ids, ids, cache, meta))["params"]
+    shapes = param_shapes(cfg, dtype, fused_projections=True)
     if callable(sharding):
-        from jaxserve.models.sharding import _path_names
-
         return jax.tree_util.tree_map_with_path(
-            lambda path, s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding(_path_names(path), s.shape)), shapes)
+            lambda path, s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding(path_names(path), s.shape)), shapes)
     return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), shapes)
 
 

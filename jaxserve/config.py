@@ -156,6 +156,7 @@ class EngineConfig:
     # The server starts once the programs any step needs are ready and compiles the cheaper buckets in
     # the background (serving never compiles: steps use the ready buckets meanwhile).
     compile_in_background: bool = True
+    compile_workers: int | None = None  # programs compiled at once before serving (None: the cores, at most 4)
     seed: int = 0
     layer_loop: str = "auto"  # auto (a Python loop on CPU, lax.scan elsewhere) | scan | loop
     grammar_capacity_states: int = 16384  # rows of the device grammar mask pool (vocab/8 bytes each)
@@ -201,6 +202,8 @@ class EngineConfig:
             raise ValueError("max_queued_requests must be >= 1")
         if self.constraint_workers < 1 or self.max_pending_constraints < 1:
             raise ValueError("constraint_workers and max_pending_constraints must be >= 1")
+        if self.compile_workers is not None and self.compile_workers < 1:
+            raise ValueError("compile_workers must be >= 1")
         if self.tp_size < 1 or self.dp_size < 1:
             raise ValueError("tp_size and dp_size must be >= 1")
         if not self.stuck_step_timeout_s > 0:

@@ -83,6 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-background-compile", dest="compile_in_background", action="store_false", default=S,
                    help="compile every bucket before serving (default: serve once the essential programs are "
                         "ready, compile the rest in the background)")
+    p.add_argument("--compile-workers", type=int, default=S,
+                   help="programs compiled at once before serving (default: the cores, at most 4)")
     p.add_argument("--grammar-capacity-states", type=int, default=S,
                    help="rows of the device pool of constraint mask rows (vocab/8 bytes each)")
     p.add_argument("--grammar-class-map-slots", type=int, default=S,

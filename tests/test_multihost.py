@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,17 +14,12 @@ import httpx
 import pytest
 
 from jaxserve.engine.offline import LLM
+from test_server_e2e import free_port
 from jaxserve.sampling.params import SamplingParams
 
 ENGINE_FLAGS = ["--max-running-requests", "2", "--max-model-len", "128", "--max-num-batched-tokens", "32",
                 "--num-pages", "32"]
 PROMPT = [100, 2000, 345, 8000, 12, 77, 5, 901, 33]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +33,7 @@ def model(tmp_path_factory, smollm2_tokenizer_dir) -> str:
 def test_two_hosts_serve_a_tensor_parallel_engine(model, tmp_path):
     expected = LLM(model, max_running_requests=2, max_model_len=128, max_num_batched_tokens=32, num_pages=32).generate(
         [PROMPT], SamplingParams(max_tokens=8, temperature=0.0))[0].outputs[0]
-    coordinator, port = _free_port(), _free_port()
+    coordinator, port = free_port(), free_port()
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
     args = [sys.executable, "-m", "jaxserve.launch", "--model", model, "--served-model-name", "tiny", "--tp-size", "4",
             "--nnodes", "2", "--dist-init-addr", f"127.0.0.1:{coordinator}", "--port", str(port), *ENGINE_FLAGS]

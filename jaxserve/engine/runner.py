@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass
 from functools import partial
@@ -376,11 +377,13 @@ class ModelRunner:
         t0 = time.perf_counter()
         specs = self.program_specs()
         self.warmed_up = True
+        workers = self.ecfg.compile_workers or max(1, min(4, os.cpu_count() or 1))
         if background:
-            self.programs.build_all(specs[:self.essential_count], progress)
+            self.programs.build_all(specs[:self.essential_count], progress, workers=workers)
+            # While serving, one thread: the steps need the other cores.
             self.programs.start_background(self._by_recorded_use(specs[self.essential_count:]), progress)
         else:
-            self.programs.build_all(specs, progress)
+            self.programs.build_all(specs, progress, workers=workers)
         return time.perf_counter() - t0
 
     def _by_recorded_use(self, specs: list[ProgramSpec]) -> list[ProgramSpec]:

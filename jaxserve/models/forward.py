@@ -25,3 +25,19 @@ def make_forward(cfg: ModelConfig, dtype: str, cache_ops: Any, *, scan_layers: b
     # The final norm + LM head alone, for hidden states returned with `hidden_row` (prompt logprobs).
     forward.head_logits = partial(head_logits, cfg, dtype_of(dtype))
     return forward
+
+
+def param_shapes(cfg: ModelConfig, dtype: str, *, fused_projections: bool = False) -> Any:
+    """ShapeDtypeStructs of the parameter tree (stacked layers; q/k/v and gate/up fused or not), from the
+    model's own init traced abstractly: nothing is allocated."""
+    import jax.numpy as jnp
+
+    from jaxserve.models.contiguous import ContiguousCacheOps, ContiguousMeta
+
+    model = LlamaModel(cfg, dtype_of(dtype), ContiguousCacheOps(cfg.head_dim**-0.5), scan_layers=True,
+                       fused_projections=fused_projections)
+    ids = jnp.zeros((1, 1), jnp.int32)
+    cache_shape = (cfg.num_layers, 1, 1, cfg.num_kv_heads, cfg.head_dim)
+    cache = (jnp.zeros(cache_shape, dtype_of(dtype)), jnp.zeros(cache_shape, dtype_of(dtype)))
+    meta = ContiguousMeta(jnp.zeros(1, jnp.int32), jnp.ones(1, jnp.int32))
+    return jax.eval_shape(lambda: model.init(jax.random.key(0), ids, ids, cache, meta))["params"]

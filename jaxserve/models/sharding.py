@@ -160,13 +160,13 @@ def param_spec(path: Sequence[str], ndim: int, shard_vocab: bool) -> P:
     return P(*([None] * (ndim - len(trailing)) + list(trailing)))
 
 
-def _path_names(path: tuple[Any, ...]) -> list[str]:
+def path_names(path: tuple[Any, ...]) -> list[str]:
     return [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
 
 
 def param_shardings(params: Any, mesh: Mesh, shard_vocab: bool) -> Any:
     return jax.tree_util.tree_map_with_path(
-        lambda path, x: NamedSharding(mesh, param_spec(_path_names(path), len(x.shape), shard_vocab)), params)
+        lambda path, x: NamedSharding(mesh, param_spec(path_names(path), len(x.shape), shard_vocab)), params)
 
 
 def cache_spec() -> P:
@@ -198,7 +198,7 @@ def per_device_param_bytes(params: Any, cfg: ModelConfig, plan: TensorParallelPl
     `plan`, from shapes alone (nothing is read)."""
     total = 0
     for path, x in jax.tree_util.tree_flatten_with_path(params)[0]:
-        names = _path_names(path)
+        names = path_names(path)
         nbytes = int(np.prod(x.shape, dtype=np.int64)) * np.dtype(x.dtype).itemsize
         if len(names) > 1 and names[-2] in ("k_proj", "v_proj"):
             nbytes *= plan.kv_repeat

@@ -151,15 +151,9 @@ def random_params(cfg, dtype: str = "bfloat16", seed: int = 0):
     import jax
     import jax.numpy as jnp
 
-    from jaxserve.models.contiguous import ContiguousCacheOps, ContiguousMeta
-    from jaxserve.models.llama import LlamaModel, dtype_of
+    from jaxserve.models.forward import param_shapes
 
-    model = LlamaModel(cfg, dtype_of(dtype), ContiguousCacheOps(cfg.head_dim**-0.5))
-    ids = jnp.zeros((1, 1), jnp.int32)
-    cache_shape = (cfg.num_layers, 1, 1, cfg.num_kv_heads, cfg.head_dim)
-    cache = (jnp.zeros(cache_shape, dtype_of(dtype)), jnp.zeros(cache_shape, dtype_of(dtype)))
-    meta = ContiguousMeta(jnp.zeros(1, jnp.int32), jnp.ones(1, jnp.int32))
-    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), ids, ids, cache, meta))["params"]
+    shapes = param_shapes(cfg, dtype)
     leaves, treedef = jax.tree.flatten(shapes)
     keys = jax.random.split(jax.random.key(seed), len(leaves))
 
