@@ -111,7 +111,7 @@ def main() -> None:
             if name == "warm":
                 if not (work / "cold").exists():
                     raise SystemExit("the warm start reuses the cold start's cache: list cold before warm")
-                shutil.copytree(work / "cold", cache)
+                shutil.copytree(work / "cold", cache, symlinks=True)  # the GGUF stays a link (its conversion key)
             else:
                 (cache / "wheels").mkdir(parents=True)
                 for wheel in (source / "wheels").glob("*.whl"):
