@@ -277,7 +277,7 @@ def engine_programs(cfg, shape: EngineShape, platform: str, mesh, *, attend: Cal
 
     from jaxserve.engine.runner import ModelRunner, _first_at_least, jit_programs
     from jaxserve.models.forward import make_forward
-    from jaxserve.models.sharding import ShardedCacheOps, cache_spec, param_spec
+    from jaxserve.models.sharding import ShardedCacheOps, cache_spec, param_spec, sharded_lookup
     from jaxserve.sampling.batch import build_sampling_batch
     from jaxserve.sampling.penalties import PenaltyState
     from pallas_kernels.paged_attention import paged_attention
@@ -295,7 +295,7 @@ def engine_programs(cfg, shape: EngineShape, platform: str, mesh, *, attend: Cal
     if plan.size > 1:
         cache_ops = ShardedCacheOps(cache_ops, mesh)
     forward = make_forward(cfg, shape.dtype, cache_ops, scan_layers=True, fused_projections=True,
-                           shard_groups=plan.size)
+                           shard_groups=plan.size, embed_lookup=sharded_lookup(mesh, plan))
     params = abstract_params(cfg, shape.dtype,
                              lambda names, s: NamedSharding(mesh, param_spec(names, len(s), plan.shard_vocab)))
     kv_dtype = jnp.float32 if shape.dtype == "float32" else jnp.bfloat16

@@ -31,7 +31,7 @@ from jaxserve.engine.request import Sequence
 from jaxserve.models.forward import make_forward
 from jaxserve.models.llama import fuse_projections, unstack_layers
 from jaxserve.models.sharding import (
-    ShardedCacheOps, cache_spec, make_mesh, param_shardings, place_params, plan_tensor_parallel, adapt_params,
+    ShardedCacheOps, cache_spec, sharded_lookup, make_mesh, param_shardings, place_params, plan_tensor_parallel, adapt_params,
 )
 from jaxserve.sampling.batch import SamplingBatch, SamplingRow, build_sampling_batch
 from jaxserve.sampling.params import MAX_TOP_LOGPROBS
@@ -283,7 +283,7 @@ class ModelRunner:
             params = unstack_layers(params, model_config.num_layers)
         params = fuse_projections(params, groups=tp)
         forward = make_forward(model_config, dtype, cache_ops, scan_layers=self.scan_layers, fused_projections=True,
-                               shard_groups=tp)
+                               shard_groups=tp, embed_lookup=sharded_lookup(self.mesh, self.plan))
         # Two programs per step: the forward is compiled per (rows, tokens, pages) bucket, the sampler only
         # per row count, so compile time grows with the bucket grid far more slowly. Both are dispatched
         # asynchronously; the logits never leave the device.

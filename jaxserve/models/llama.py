@@ -196,6 +196,9 @@ class LlamaModel(nn.Module):
     fused_projections: bool = False
     # Tensor-parallel shards the fused projections are interleaved for (`fuse_projections(groups=...)`).
     shard_groups: int = 1
+    # (embedding table, ids) -> embeddings in place of the plain lookup (tensor parallelism:
+    # `sharding.ShardedEmbedding`); None: `nn.Embed`'s own.
+    embed_lookup: Any = None
 
     @nn.compact
     def __call__(self, tokens, positions, cache, meta, logits_index=None, hidden_row=None):
@@ -212,7 +215,7 @@ class LlamaModel(nn.Module):
             embedding_init=nn.initializers.normal(0.02),
             name="embed_tokens",
         )
-        x = embed(tokens)
+        x = embed(tokens) if self.embed_lookup is None else self.embed_lookup(embed.embedding, tokens).astype(self.dtype)
         cos, sin = rope_cos_sin(cfg, positions)
         if self.scan_layers:
             layers = nn.scan(
