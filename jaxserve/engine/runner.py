@@ -31,7 +31,8 @@ from jaxserve.engine.request import Sequence
 from jaxserve.models.forward import make_forward
 from jaxserve.models.llama import fuse_projections, unstack_layers
 from jaxserve.models.sharding import (
-    ShardedCacheOps, cache_spec, sharded_lookup, make_mesh, param_shardings, place_params, plan_tensor_parallel, adapt_params,
+    ShardedCacheOps, adapt_params, cache_spec, make_mesh, param_shardings, place_params, plan_tensor_parallel,
+    sharded_lookup,
 )
 from jaxserve.sampling.batch import SamplingBatch, SamplingRow, build_sampling_batch
 from jaxserve.sampling.params import MAX_TOP_LOGPROBS
@@ -255,7 +256,8 @@ class ModelRunner:
     ) -> None:
         """`model_config` and `params` as loaded (host, device or `Deferred` arrays); `mesh`: the devices of
         this engine along the `tensor` axis (None: the default device alone). The runner splits the model over
-        them (models/sharding.py) and uses the plan's config (KV heads repeated when fewer than the shards)."""
+        them (models/sharding.py) and uses the plan's config (KV heads repeated when fewer than the shards,
+        query heads padded when their groups do not split)."""
         self.mesh = mesh if mesh is not None else make_mesh(jax.devices()[:1])
         self.tp = tp = self.mesh.size
         self.plan = plan_tensor_parallel(model_config, tp)
@@ -315,7 +317,10 @@ class ModelRunner:
         self.max_prefill_rows = max(r for r, _ in self.buckets.prefill_shapes)
         # Multi-host serving (engine/multihost.py): host 0 publishes each device operation before launching it.
         self.mirror: Any = None
-        # Ready executables by bucket, kept on disk across starts (engine/programs.py).
+        # Ready executables by bucket, kept on disk across starts (engine/programs.py). Not across hosts: each
+        # host of a multi-host engine compiles its own (a serialized executable is one process's).
+        if jax.process_count() > 1:
+            executable_cache_dir = None
         self._state_abstract = self._abstract_state()
         context = repr((model_config, dtype, self.attention_name, self.scan_layers, self.page_size, tp))
         self.programs = ProgramSet(ExecutableCache(executable_cache_dir, context, list(self.mesh.devices.flat)))
