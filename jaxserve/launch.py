@@ -286,6 +286,14 @@ async def serve(config: ServerConfig) -> int:
     if channel is not None:
         channel.publish("stop")  # the engine thread has stopped: the other hosts may exit
     code = 1 if failures else 0
+    engine = app.state.jaxserve.engine
+    replicas = getattr(engine, "replicas", [engine]) if engine is not None else []
+    if any(r.engine.runner.programs.background_running for r in replicas):
+        # A compile still running past the shutdown's grace: leave without unwinding XLA under it.
+        print("jaxserve: exiting with a background compile unfinished", file=sys.stderr, flush=True)
+        logging.shutdown()
+        sys.stdout.flush()
+        os._exit(code)
     if not app.state.jaxserve.ready and not failures:
         # Stopped during warm-up: XLA compilation in the loader thread cannot be interrupted, and asyncio
         # would wait for that thread before returning. Nothing is in flight, so leave right away.

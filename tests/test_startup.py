@@ -120,3 +120,21 @@ def test_background_compiles_follow_recorded_traffic_and_drop_unused_buckets(sma
     ordered = second.runner._by_recorded_use(second.runner.program_specs()[second.runner.essential_count:])
     assert [s.shape for s in ordered if s.kind == "forward"] == [busy]  # the never-used ones are dropped
     assert all(s.kind != "forward" for s in ordered[:-1])  # samplers first
+
+
+def test_sigterm_while_buckets_compile_in_the_background_exits_cleanly(tiny_model_dir, tmp_path):
+    """Stopping right after "serving at" (the other buckets still compiling on their thread) lets the compile in
+    flight finish and exits 0; a process leaving while XLA compiles on another thread aborted in C++."""
+    import time
+
+    from test_server_e2e import ServerProcess, launch_args
+
+    server = ServerProcess(launch_args(tiny_model_dir("llama"), "--executable-cache-dir", str(tmp_path / "exe"),
+                                       "--log-level", "info"), tmp_path / "server.log")
+    deadline = time.monotonic() + 300
+    while not server.ready and server.proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert server.ready, (tmp_path / "server.log").read_text()[-3000:]
+    assert server.stop() == 0, (tmp_path / "server.log").read_text()[-3000:]
+    log = (tmp_path / "server.log").read_text()
+    assert "compile in the background" in log and "terminate called" not in log

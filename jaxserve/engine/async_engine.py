@@ -21,6 +21,9 @@ from jaxserve.tokenizer import Tokenizer
 log = logging.getLogger(__name__)
 
 
+BACKGROUND_COMPILE_GRACE_S = 120.0  # how long shutdown waits for the program compiling in the background
+
+
 class AsyncEngine:
     """Runs an `LLMEngine` on its own thread; the asyncio side only enqueues and awaits outputs.
 
@@ -105,7 +108,11 @@ class AsyncEngine:
 
     async def shutdown(self) -> None:
         self._stopping.set()
-        self.engine.runner.programs.stop_background()
+        # No new background compile starts; the one in flight is let finish (a process that exits while XLA
+        # compiles on another thread aborts in C++).
+        programs = self.engine.runner.programs
+        programs.stop_background()
+        await asyncio.to_thread(programs.wait_background, BACKGROUND_COMPILE_GRACE_S)
         self._inbox.put(("wake",))
         if self._thread is not None:
             # A dead engine's thread may be stuck in a step that never returns: do not wait long for it.
