@@ -246,8 +246,7 @@ async def serve(config: ServerConfig) -> int:
         t1 = time.perf_counter()
         progress.phase(f"model loaded in {t1 - t0:.1f} s; preparing the programs a first request needs")
         await engine.start(progress)
-        replicas = getattr(engine, "replicas", [engine])
-        programs = [r.engine.runner.programs for r in replicas]
+        programs = engine.program_sets
         background = sum(p.background_running for p in programs)
         progress.phase(
             f"ready in {time.perf_counter() - t0:.1f} s: {sum(len(p) for p in programs)} programs "
@@ -287,8 +286,7 @@ async def serve(config: ServerConfig) -> int:
         channel.publish("stop")  # the engine thread has stopped: the other hosts may exit
     code = 1 if failures else 0
     engine = app.state.jaxserve.engine
-    replicas = getattr(engine, "replicas", [engine]) if engine is not None else []
-    if any(r.engine.runner.programs.background_running for r in replicas):
+    if engine is not None and any(p.background_running for p in engine.program_sets):
         # A compile still running past the shutdown's grace: leave without unwinding XLA under it.
         print("jaxserve: exiting with a background compile unfinished", file=sys.stderr, flush=True)
         logging.shutdown()

@@ -69,6 +69,11 @@ class AsyncEngine:
     def model_name(self) -> str:
         return self.engine.model_name
 
+    @property
+    def program_sets(self) -> list:
+        """The compiled-program sets of the engine(s) behind this one (start-up reporting, shutdown)."""
+        return [self.engine.runner.programs]
+
     def stats(self) -> EngineStats:
         return dataclasses.replace(self.engine.stats(), num_queued=len(self._not_started))
 

@@ -112,6 +112,10 @@ class DataParallelEngine:
     def num_queued(self) -> int:
         return sum(r.num_queued for r in self.replicas)
 
+    @property
+    def program_sets(self) -> list:
+        return [p for r in self.replicas for p in r.program_sets]
+
     def stats(self) -> EngineStats:
         """Every counter summed over the replicas."""
         parts = [r.stats() for r in self.replicas]

@@ -114,8 +114,6 @@ def enable_compilation_cache(setting: str | None, executable_cache: bool = False
 def engine_devices(tp_size: int, devices: "list[jax.Device] | None" = None) -> list:
     """The devices one engine runs on: `devices` (a data-parallel replica's group) or the first `tp_size`."""
     available = jax.devices() if devices is None else list(devices)
-    if tp_size < 1:
-        raise ValueError(f"tp_size must be >= 1, got {tp_size}")
     if len(available) < tp_size:
         raise ValueError(f"tp_size {tp_size} needs {tp_size} devices; {len(available)} available "
                          f"({available[0].platform if available else 'none'})")

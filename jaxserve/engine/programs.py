@@ -71,7 +71,7 @@ class ExecutableCache:
         first = self.devices[0]
         self._context = "|".join([jax.__version__, jaxlib.__version__, first.platform, first.device_kind,
                                   repr([d.id for d in self.devices]), code_fingerprint(), context])
-        self.hits = self.misses = self.rebuilt = 0
+        self.rebuilt = 0  # entries found unusable and compiled again
         if directory is not None:
             directory.mkdir(parents=True, exist_ok=True)
             self._prune()
@@ -132,7 +132,6 @@ class ExecutableCache:
             return None
         path = self._path(key)
         if not path.is_file():
-            self.misses += 1
             return None
         from jax.experimental.serialize_executable import deserialize_and_load
 
@@ -145,7 +144,6 @@ class ExecutableCache:
             self.rebuilt += 1
             path.unlink(missing_ok=True)
             return None
-        self.hits += 1
         try:
             os.utime(path)  # recently used: kept by `_prune`
         except OSError:

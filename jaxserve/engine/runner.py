@@ -478,24 +478,25 @@ class ModelRunner:
     def _usable(self, rows: int) -> bool:
         return self.programs.get("sample", (self._sample_rows(rows),)) is not None
 
-    def _decode_shape(self, rows: int, pages: int) -> tuple[int, int]:
-        """The decode bucket for a step: its own when ready, else the cheapest ready one that holds it (the
-        rest are still compiling in the background)."""
-        exact = self.buckets.decode_shape(rows, pages)
-        if not self.warmed_up or (self.programs.get("forward", (exact[0], 1, exact[1])) is not None
-                                  and self._usable(exact[0])):
-            return exact
-        ready = [(r, w) for r, t, w in self.programs.ready_shapes("forward")
-                 if t == 1 and r >= rows and w >= pages and self._usable(r)]
-        return min(ready, key=lambda s: (s[0] * s[1], s[0])) if ready else exact
-
-    def _prefill_shape(self, rows: int, tokens: int, pages: int) -> tuple[int, int, int]:
-        exact = self.buckets.prefill_shape(rows, tokens, pages)
+    def _ready_bucket(self, exact: tuple[int, int, int], holds: Callable[[tuple[int, int, int]], bool],
+                      cost: Callable[[tuple[int, int, int]], Any]) -> tuple[int, int, int]:
+        """A step's forward bucket: its own when ready, else the cheapest ready one that holds it (the rest are
+        still compiling in the background)."""
         if not self.warmed_up or (self.programs.get("forward", exact) is not None and self._usable(exact[0])):
             return exact
-        ready = [(r, t, w) for r, t, w in self.programs.ready_shapes("forward")
-                 if t > 1 and r >= rows and t >= tokens and w >= pages and self._usable(r)]
-        return min(ready, key=lambda s: (s[0] * s[1], s[2])) if ready else exact
+        ready = [s for s in self.programs.ready_shapes("forward") if holds(s) and self._usable(s[0])]
+        return min(ready, key=cost) if ready else exact
+
+    def _decode_shape(self, rows: int, pages: int) -> tuple[int, int]:
+        r, w = self.buckets.decode_shape(rows, pages)
+        r, _, w = self._ready_bucket((r, 1, w), lambda s: s[1] == 1 and s[0] >= rows and s[2] >= pages,
+                                     lambda s: (s[0] * s[2], s[0]))
+        return r, w
+
+    def _prefill_shape(self, rows: int, tokens: int, pages: int) -> tuple[int, int, int]:
+        return self._ready_bucket(self.buckets.prefill_shape(rows, tokens, pages),
+                                  lambda s: s[1] > 1 and s[0] >= rows and s[1] >= tokens and s[2] >= pages,
+                                  lambda s: (s[0] * s[1], s[2]))
 
     def prefill_limits(self) -> tuple[int, tuple[int, ...]]:
         """(most rows, longest chunk per row count) of the prefill steps the ready programs hold at the widest
