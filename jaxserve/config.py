@@ -178,6 +178,9 @@ class EngineConfig:
     enable_prefix_cache: bool = True
     constraint_workers: int = 2
     max_pending_constraints: int = 64
+    # Constraints the device tables cannot hold (keywords a DFA cannot express, automata past the compile
+    # budget) get a per-request host matcher (llguidance; constrained/host_matcher.py) instead of a 400.
+    constraint_host_matcher: bool = True
 
     def __post_init__(self) -> None:
         if self.page_size not in (8, 16, 32, 64, 128):

@@ -105,6 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="threads compiling regex / JSON-schema constraints (their own pool)")
     p.add_argument("--max-pending-constraints", type=int, default=S,
                    help="distinct constraint compiles queued or running before new ones get 503")
+    p.add_argument("--disable-constraint-host-matcher", dest="constraint_host_matcher", action="store_false",
+                   default=S, help="answer 400 for constraints the device grammar tables cannot hold instead of "
+                   "running them on the host matcher (llguidance)")
     p.add_argument("--stuck-step-timeout-s", type=float, default=S,
                    help="the engine is declared dead (health 503) when one step runs longer than this")
     return p

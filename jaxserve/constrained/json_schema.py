@@ -77,6 +77,11 @@ class JsonSchemaOptions:
     max_enum_values: int = 1000
 
 
+class UnsupportedSchema(ValueError):
+    """A valid schema this converter cannot express as a regex (the message names the keyword); a host
+    matcher may still take it (constrained/host_matcher.py), unlike a malformed schema."""
+
+
 class _Never(Exception):
     """The (sub)schema admits no value we can generate (e.g. recursion cut off)."""
 
@@ -102,7 +107,7 @@ def json_schema_to_regex(schema, options: JsonSchemaOptions = JsonSchemaOptions(
     try:
         return conv.value(schema, options.max_nesting)
     except _Never:
-        raise ValueError("the schema admits no value that can be generated "
+        raise UnsupportedSchema("the schema admits no value that can be generated "
                          "(contradictory, or recursion deeper than max_ref_depth)") from None
     except RecursionError:
         raise ConstraintTooComplex("nesting depth", "schema nested too deeply") from None
@@ -238,7 +243,7 @@ class _Converter:
     def resolve(self, ref: str):
         if not isinstance(ref, str) or not (ref == "#" or ref.startswith("#/")):
             # Remote documents and "#name" anchors (resolved through `id`/`$anchor`) are not followed.
-            raise ValueError(f"unsupported $ref {ref!r}: only local JSON-pointer references (#/...) are supported")
+            raise UnsupportedSchema(f"unsupported $ref {ref!r}: only local JSON-pointer references (#/...) are supported")
         node = self.root
         for raw in ref[1:].split("/")[1:] if ref != "#" else []:
             part = raw.replace("~1", "/").replace("~0", "~")
@@ -285,7 +290,7 @@ class _Converter:
                     "unevaluatedProperties", "unevaluatedItems", "contains", "$dynamicRef", "$recursiveRef",
                     "propertyNames", "patternProperties", "minProperties", "maxProperties", "multipleOf"):
             if key in schema and not self.harmless(schema, key):
-                raise ValueError(f"unsupported keyword {key!r}")
+                raise UnsupportedSchema(f"unsupported keyword {key!r}")
         if "const" in schema:
             return self.enum(schema, [schema["const"]], depth)
         if "enum" in schema:
@@ -379,7 +384,7 @@ class _Converter:
         if len(values) > self.options.max_enum_values:
             raise ConstraintTooComplex("enum values", f"{len(values)} > {self.options.max_enum_values}")
         if self.ws and any(isinstance(v, (dict, list)) and v for v in values):
-            raise ValueError("unsupported keyword 'enum' with object/array values and whitespace")
+            raise UnsupportedSchema("unsupported keyword 'enum' with object/array values and whitespace")
         texts = [json.dumps(v, ensure_ascii=False, separators=(",", ":")) for v in values]
         rest = {k: v for k, v in schema.items() if k not in ("enum", "const") and k not in _ANNOTATIONS}
         if rest:
@@ -397,9 +402,9 @@ class _Converter:
             raise ValueError(f"{key} must be a non-empty array")
         siblings = {k: v for k, v in schema.items() if k not in (key, "anyOf", "oneOf") and k not in _ANNOTATIONS}
         if key == "oneOf" and len(subs) > 1 and not _disjoint_types(subs, self):
-            raise ValueError("unsupported keyword 'oneOf' with branches that may overlap")
+            raise UnsupportedSchema("unsupported keyword 'oneOf' with branches that may overlap")
         if "anyOf" in schema and "oneOf" in schema:
-            raise ValueError("unsupported keyword 'anyOf' together with 'oneOf'")
+            raise UnsupportedSchema("unsupported keyword 'anyOf' together with 'oneOf'")
         out = []
         for sub in subs:
             merged = {"allOf": [siblings, sub]} if siblings else sub
@@ -426,7 +431,7 @@ class _Converter:
             if "$ref" in p:
                 seen_refs += 1
                 if seen_refs > 64:
-                    raise ValueError("schema too complex: allOf references too deep")
+                    raise UnsupportedSchema("schema too complex: allOf references too deep")
                 rest = {k: v for k, v in p.items() if k != "$ref"}
                 parts = [self.resolve(p["$ref"]), rest] + parts
                 continue
@@ -454,7 +459,7 @@ class _Converter:
                     if v is False:
                         closed_sets.append(set(p.get("properties", {})))
                     elif v is not True and v != {}:
-                        raise ValueError("unsupported keyword 'additionalProperties' schema inside allOf")
+                        raise UnsupportedSchema("unsupported keyword 'additionalProperties' schema inside allOf")
                 elif k == "type":
                     a = merged.get("type")
                     ta = set(a if isinstance(a, list) else [a]) if a is not None else None
@@ -464,7 +469,7 @@ class _Converter:
                         raise _Never()
                     merged["type"] = sorted(both)
                 elif k in merged and merged[k] != v:
-                    raise ValueError(f"unsupported keyword {k!r} with conflicting values inside allOf")
+                    raise UnsupportedSchema(f"unsupported keyword {k!r} with conflicting values inside allOf")
                 else:
                     merged[k] = v
         if props:
@@ -492,16 +497,16 @@ class _Converter:
         fmt = schema.get("format")
         pattern = schema.get("pattern")
         if fmt is not None and fmt not in FORMATS:
-            raise ValueError(f"unsupported keyword 'format' value {fmt!r}")
+            raise UnsupportedSchema(f"unsupported keyword 'format' value {fmt!r}")
         if fmt is not None:
             if pattern is not None or "minLength" in schema or "maxLength" in schema:
-                raise ValueError("unsupported keyword 'format' combined with pattern/minLength/maxLength")
+                raise UnsupportedSchema("unsupported keyword 'format' combined with pattern/minLength/maxLength")
             return f'"{FORMATS[fmt]}"'
         if pattern is not None:
             return '"' + self.pattern(pattern, min_len, max_len) + '"'
         cap = self.options.max_counted_repeat
         if min_len > cap:
-            raise ValueError(f"unsupported keyword 'minLength' above {cap}")
+            raise UnsupportedSchema(f"unsupported keyword 'minLength' above {cap}")
         hi = None if max_len is None else min(max_len, max(cap, min_len))
         return f'"{STRING_CHAR}{_repeat_bounds(min_len, hi)}"'
 
@@ -514,7 +519,7 @@ class _Converter:
         except ConstraintTooComplex:
             raise
         except ValueError as e:
-            raise ValueError(f"unsupported keyword 'pattern': {e}") from None
+            raise UnsupportedSchema(f"unsupported keyword 'pattern': {e}") from None
         node = restrict_chars(node, _UNESCAPED_FORBIDDEN)
         lo, hi = _length_range(node)
         if lo >= min_len and (max_len is None or (hi is not None and hi <= max_len)):
@@ -526,7 +531,7 @@ class _Converter:
             if new_hi is not None and new_hi < new_lo:
                 raise _Never()
             return "(?:" + emit_regex(Repeat(node.item, new_lo, new_hi)) + ")"
-        raise ValueError("unsupported keyword 'pattern' combined with minLength/maxLength")
+        raise UnsupportedSchema("unsupported keyword 'pattern' combined with minLength/maxLength")
 
     # -- numbers
     def integer(self, schema: dict) -> str:
@@ -610,7 +615,7 @@ class _Converter:
         if schema.get("uniqueItems") is True:
             # Zero or one item is always unique: a safe subset.
             if min_items > 1:
-                raise ValueError("unsupported keyword 'uniqueItems' with minItems > 1")
+                raise UnsupportedSchema("unsupported keyword 'uniqueItems' with minItems > 1")
             max_items = 1 if max_items is None else min(max_items, 1)
         if max_items is not None and max_items < min_items:
             raise _Never()
@@ -623,7 +628,7 @@ class _Converter:
         open_, close = f"{_literal('[')}{self.ws}", f"{self.ws}{_literal(']')}"
         cap = self.options.max_counted_repeat
         if min_items > cap + len(prefix):
-            raise ValueError(f"unsupported keyword 'minItems' above {cap}")
+            raise UnsupportedSchema(f"unsupported keyword 'minItems' above {cap}")
         prefix_rx = [self.value(p, depth - 1) if p is True else self.value(p, depth) for p in prefix]
         try:
             item_rx = self.value(items, depth - 1 if items is True else depth) if items is not False else None
@@ -669,7 +674,7 @@ class _Converter:
 
 
 def _reject(keyword: str):
-    raise ValueError(f"unsupported keyword {keyword!r}: several types implied without 'type'")
+    raise UnsupportedSchema(f"unsupported keyword {keyword!r}: several types implied without 'type'")
 
 
 def _json_type(v) -> str:

@@ -17,12 +17,15 @@ import json
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
+from typing import Any
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 from jaxserve.constrained.budget import BudgetMeter, ConstraintTooComplex
-from jaxserve.constrained.compiler import CompilerOptions, compile_constraint
+from jaxserve.constrained.compiler import CompilerOptions, cache_key, compile_constraint
 from jaxserve.constrained.grammar import Grammar, make_grammar
+from jaxserve.constrained.host_matcher import ClosingRows, HostGrammar, compile_host_grammar
+from jaxserve.constrained.json_schema import UnsupportedSchema
 from jaxserve.constrained.vocab import VocabInfo
 from jaxserve.sampling.params import Constraint
 
@@ -40,6 +43,7 @@ class ConstraintServiceStats:
     hits: int  # answered from the cache
     misses: int  # compiles started (a request joining another's compile of the same key counts as neither)
     too_complex: int  # compiles that ended in ConstraintTooComplex
+    host_matched: int  # compiles the device path refused that the host matcher took
     invalid: int  # compiles that ended in another ValueError (bad or unsupported constraint)
     busy: int  # requests refused with ConstraintServiceBusy
     in_flight: int  # distinct compiles queued or running now
@@ -66,7 +70,8 @@ class ConstraintService:
 
     def __init__(self, token_bytes_fn: Callable[[], Sequence[bytes | None]], end_token_ids: tuple[int, ...],
                  vocab_width: int, options: CompilerOptions = CompilerOptions(), max_workers: int = 2,
-                 max_pending: int = 64, cache_bytes: int = 1 << 30):
+                 max_pending: int = 64, cache_bytes: int = 1 << 30,
+                 host_tokenizer_fn: Callable[[], Any] | None = None):
         if max_workers < 1 or max_pending < 1 or cache_bytes < 0:
             raise ValueError("max_workers and max_pending must be >= 1, cache_bytes >= 0")
         self.options = options
@@ -76,12 +81,16 @@ class ConstraintService:
         self._end_token_ids = tuple(int(e) for e in end_token_ids)
         self._vocab_width = int(vocab_width)
         self._vocab: VocabInfo | None = None
+        # The host matcher's tokenizer (llguidance), built at its first use; None: no host path.
+        self._host_tokenizer_fn = host_tokenizer_fn
+        self._host_tokenizer: Any = None
+        self._closing_rows: ClosingRows | None = None
         self._vocab_lock = threading.Lock()  # held only while the vocabulary is built, never for a cache hit
         self._lock = threading.Lock()  # cache, in-flight map and counters; never held during a compile
         self._cache: OrderedDict[tuple, Grammar] = OrderedDict()
         self._cache_nbytes = 0
         self._in_flight: dict[tuple, Future] = {}
-        self._hits = self._misses = self._too_complex = self._invalid = self._busy = 0
+        self._hits = self._misses = self._too_complex = self._invalid = self._busy = self._host = 0
         self._executor = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="constraint-compile")
 
     # ------------------------------------------------------------ public API
@@ -117,7 +126,7 @@ class ConstraintService:
 
     def stats(self) -> ConstraintServiceStats:
         with self._lock:
-            return ConstraintServiceStats(hits=self._hits, misses=self._misses, too_complex=self._too_complex,
+            return ConstraintServiceStats(hits=self._hits, misses=self._misses, too_complex=self._too_complex, host_matched=self._host,
                                           invalid=self._invalid, busy=self._busy, in_flight=len(self._in_flight),
                                           cached=len(self._cache), cache_bytes=self._cache_nbytes)
 
@@ -165,12 +174,51 @@ class ConstraintService:
             if self._in_flight.get(key) is fut:
                 del self._in_flight[key]
 
-    def _build(self, key: tuple, constraint: Constraint) -> Grammar:
+    def host_tokenizer(self) -> Any:
+        """The host matcher's tokenizer, built at the first call (None when there is no host path)."""
+        if self._host_tokenizer_fn is None:
+            return None
+        with self._vocab_lock:
+            if self._host_tokenizer is None:
+                self._host_tokenizer = self._host_tokenizer_fn()
+            return self._host_tokenizer
+
+    def _host_closing(self, vocab: VocabInfo) -> ClosingRows:
+        with self._vocab_lock:
+            if self._closing_rows is None:
+                self._closing_rows = ClosingRows.from_vocab(vocab.tokens, vocab.eos_token_ids,
+                                                            -(-self._vocab_width // 32))
+            return self._closing_rows
+
+    def _compile(self, constraint: Constraint) -> Grammar | HostGrammar:
+        """The device path; where it refuses a valid constraint it cannot express (or one past its budget),
+        the host matcher under a budget of its own. When both refuse, the device path's error stands (with
+        the host matcher's reason)."""
+        vocab = self.vocab()  # outside the budget: a one-time cost of the server, not of the constraint
         try:
-            vocab = self.vocab()  # outside the budget: a one-time cost of the server, not of the constraint
             meter = BudgetMeter(self.options.effective_budget())
             table = compile_constraint(constraint.kind, constraint.spec, vocab, self.options, meter)
-            grammar = make_grammar(table, meter)
+            return make_grammar(table, meter)
+        except ValueError as device_error:
+            eligible = isinstance(device_error, ConstraintTooComplex) or (
+                constraint.kind == "json_schema" and isinstance(device_error, UnsupportedSchema))
+            tokenizer = self.host_tokenizer() if eligible else None
+            if tokenizer is None:
+                raise
+            try:
+                grammar = compile_host_grammar(
+                    constraint.kind, constraint.spec, tokenizer, cache_key(constraint.kind, constraint.spec, vocab),
+                    self._host_closing(vocab), BudgetMeter(self.options.effective_budget()))
+            except ValueError as host_error:
+                device_error.args = (f"{device_error}; the host matcher refused it too: {str(host_error)[:300]}",)
+                raise device_error from host_error
+            with self._lock:
+                self._host += 1
+            return grammar
+
+    def _build(self, key: tuple, constraint: Constraint) -> Grammar | HostGrammar:
+        try:
+            grammar = self._compile(constraint)
         except ConstraintTooComplex:
             with self._lock:
                 self._too_complex += 1

@@ -179,6 +179,7 @@ class GrammarPool:
         self._next_used = np.zeros(self.num_next_blocks, dtype=bool)
         self._free_class_slots = list(range(class_map_slots - 1, -1, -1))
         self._resident: dict[tuple, _Resident] = {}
+        self._host_blocks: set[int] = set()  # blocks held by host-matched sequences (add_host_rows)
         self._clock = 0
         host = np.zeros((self.capacity_rows, self.words_per_row), dtype=np.uint32)
         host[:BLOCK_ROWS] = unconstrained_row(vocab_size, vocab_width)
@@ -261,6 +262,45 @@ class GrammarPool:
             self._place_transitions(grammar, entry)
             return self._residency(entry)
 
+    def add_host_rows(self) -> int:
+        """One block of rows for a sequence whose mask the host computes each step (constrained/host_matcher.py):
+        returns its row offset; its state is always 0 and never advances on the device (the engine rewrites
+        row `offset` with `write_host_row` after every token). GrammarPoolFullError when no block is free."""
+        with self._lock:
+            first = self._find_free_run(self._block_used, 1)
+            if first is None:
+                self._evict_unused_until(lambda: self._find_free_run(self._block_used, 1) is not None)
+                first = self._find_free_run(self._block_used, 1)
+            if first is None:
+                raise GrammarPoolFullError(f"grammar pool full: all {self.capacity_rows} rows are in use")
+            self._block_used[first] = True
+            offset = first * BLOCK_ROWS
+            self._host_blocks.add(first)
+            meta = np.zeros((BLOCK_ROWS, META_COLUMNS), np.int32)
+            meta[:, META_OFFSET] = offset
+            meta[:, META_STATES] = 1  # worst_next -1: the closing row (offset + 1) is never chosen
+            meta[:, [META_WORST_NEXT, META_NEXT_BASE, META_CLASS_SLOT]] = -1
+            self._write("_meta", meta, np.int32(offset))
+            return offset
+
+    def write_host_row(self, offset: int, row: np.ndarray) -> None:
+        """Row `offset` (from add_host_rows) := `row`, uint32 [W]. The whole block is written: one compiled
+        write serves every grammar and host row, so serving never compiles."""
+        block = np.zeros((BLOCK_ROWS, self.words_per_row), dtype=np.uint32)
+        block[0] = row
+        with self._lock:
+            if offset // BLOCK_ROWS not in self._host_blocks:
+                raise ValueError(f"row {offset} is not a host-matcher row")
+            self._write("_table", block, np.int32(offset))
+
+    def release_host_rows(self, offset: int) -> None:
+        with self._lock:
+            block = offset // BLOCK_ROWS
+            if block not in self._host_blocks:
+                raise ValueError("release_host_rows() of rows that are not held")
+            self._host_blocks.remove(block)
+            self._block_used[block] = False
+
     def release(self, grammar: "Grammar") -> None:
         with self._lock:
             entry = self._resident.get(grammar.pool_table.key)
@@ -274,9 +314,9 @@ class GrammarPool:
             return None if entry is None else self._residency(entry)
 
     def num_references(self) -> int:
-        """Outstanding add() calls not yet released (0 when no constrained request runs)."""
+        """Outstanding add() and add_host_rows() calls not yet released (0 when no constrained request runs)."""
         with self._lock:
-            return sum(e.refcount for e in self._resident.values())
+            return sum(e.refcount for e in self._resident.values()) + len(self._host_blocks)
 
     def rows_in_use(self) -> int:
         with self._lock:

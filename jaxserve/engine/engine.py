@@ -33,6 +33,7 @@ from jaxserve.engine.errors import EngineBusy, EngineDead
 from jaxserve.engine.runner import ModelRunner, PendingResult, StepResult
 from jaxserve.engine.scheduler import Scheduler, SchedulerLimits
 from jaxserve.constrained.grammar import Grammar
+from jaxserve.constrained.host_matcher import HostGrammar, HostMatcher, host_tokenizer, llguidance_available
 from jaxserve.constrained.service import ConstraintService, ConstraintServiceBusy
 from jaxserve.engine import stops
 from jaxserve.models.loader import load_params_deferred, resolve_model
@@ -68,6 +69,10 @@ class EngineStats:
     # Constrained requests whose grammar did not fit the device transition tables: their rows advance on
     # the host, so steps run synchronously while they run (slower decode, same output).
     num_constrained_host_advance_total: int = 0
+    # Constrained requests driven by a host matcher (constraints the device tables cannot hold), and the host
+    # time their masks took (computing + advancing; steps are synchronous while one runs).
+    num_constrained_host_matcher_total: int = 0
+    host_matcher_seconds_total: float = 0.0
     num_failed_requests_total: int = 0  # requests the engine ended with an error (the others went on)
     num_queued: int = 0  # admitted but not producing output yet (compiling, inbox, waiting); AsyncEngine only
     num_constraint_cache_hits_total: int = 0
@@ -190,6 +195,8 @@ class LLMEngine:
         self.num_generated_tokens_total = 0
         self.num_preemptions_total = 0
         self.num_constrained_host_advance_total = 0
+        self.num_constrained_host_matcher_total = 0
+        self.host_matcher_seconds_total = 0.0
         self.num_failed_requests_total = 0
         self.num_prefill_tokens_computed = 0  # prompt tokens actually run through the model
         self.warmup_seconds: float | None = None
@@ -199,11 +206,20 @@ class LLMEngine:
         self.constraints = ConstraintService(
             self.tokenizer.token_bytes, self.end_token_ids, cfg.vocab_size,
             max_workers=config.constraint_workers, max_pending=config.max_pending_constraints,
+            host_tokenizer_fn=self._host_tokenizer_fn(),
         )
         log.info("model %s (%s, %s), %d KV pages of %d tokens, attention %s", parts.path, cfg.family,
                  self.dtype, num_pages, config.page_size, self.runner.attention_name)
         if config.tp_size > 1:
             log.info("%s; devices %s", self.tp_plan.describe(cfg), [str(d) for d in self.mesh.devices.flat])
+
+    def _host_tokenizer_fn(self) -> Callable[[], Any] | None:
+        if not self.config.constraint_host_matcher:
+            return None
+        if not llguidance_available():
+            log.warning("llguidance is not installed: constraints the device grammar tables cannot hold get 400")
+            return None
+        return lambda: host_tokenizer(self.tokenizer.hf_tokenizer, self.model_config.vocab_size, self.end_token_ids)
 
     def _num_pages(self, platform: str, weight_bytes: int) -> int:
         """The KV pool: `num_pages` if given; on CPU what fits CPU_KV_BYTES_CAP; on an accelerator
@@ -264,6 +280,11 @@ class LLMEngine:
             raise ValueError(f"duplicate request id {request_id!r}")
         max_tokens = self.validate(prompt_ids, params)
         self._inject("add", request_id)
+        if isinstance(grammar, HostGrammar):
+            self._add_sequences(request_id, prompt_ids, params, max_tokens,
+                                self._host_matched(grammar, params.n, max_tokens))
+            self.num_constrained_host_matcher_total += 1
+            return
         residency = None
         if grammar is not None:
             self.check_budget(grammar, max_tokens)
@@ -279,6 +300,42 @@ class LLMEngine:
                 self.num_constrained_host_advance_total += 1
                 log.info("request %s: its constraint advances on the host (device grammar tables full); "
                          "steps are synchronous while it runs", request_id)
+        def constrain(seq: Sequence) -> None:
+            if residency is not None:
+                seq.grammar = grammar
+                seq.grammar_offset = residency.offset
+                seq.grammar_on_device = residency.device_advance
+                seq.grammar_state = grammar.start_state
+
+        self._add_sequences(request_id, prompt_ids, params, max_tokens, [constrain] * params.n)
+
+    def _host_matched(self, grammar: HostGrammar, n: int, max_tokens: int) -> list[Callable[[Sequence], None]]:
+        """Per choice: its own matcher and pool rows with the start mask written (all choices or none)."""
+        from jaxserve.constrained.tables import GrammarPoolFullError
+
+        offsets: list[int] = []
+        matchers: list[HostMatcher] = []
+        try:
+            for _ in range(n):
+                offsets.append(self.grammar_pool.add_host_rows())
+                matchers.append(grammar.new_matcher())
+                self.grammar_pool.write_host_row(offsets[-1], matchers[-1].mask_row(max_tokens, max_tokens))
+        except BaseException as e:
+            for offset in offsets:
+                self.grammar_pool.release_host_rows(offset)
+            if isinstance(e, GrammarPoolFullError):
+                raise EngineBusy(f"{e}; too many constrained requests are in flight, retry later") from e
+            raise
+
+        def constrain(offset: int, matcher: HostMatcher) -> Callable[[Sequence], None]:
+            def apply(seq: Sequence) -> None:
+                seq.host_matcher, seq.grammar_offset, seq.grammar_state = matcher, offset, 0
+            return apply
+
+        return [constrain(o, m) for o, m in zip(offsets, matchers)]
+
+    def _add_sequences(self, request_id: str, prompt_ids: list[int], params: SamplingParams, max_tokens: int,
+                       constrain: list[Callable[[Sequence], None]]) -> None:
         seqs: list[Sequence] = []
         for i in range(params.n):
             seed = params.seed + i if params.seed is not None else self._rng.getrandbits(63)
@@ -289,11 +346,7 @@ class LLMEngine:
             seq.detokenizer = self.tokenizer.detokenizer(skip_special_tokens=params.skip_special_tokens)
             if params.prompt_logprobs is not None and i == 0:  # the leader computes the shared prompt
                 seq.prompt_logprobs = [None] * len(prompt_ids)
-            if residency is not None:
-                seq.grammar = grammar
-                seq.grammar_offset = residency.offset
-                seq.grammar_on_device = residency.device_advance
-                seq.grammar_state = grammar.start_state
+            constrain[i](seq)
             seqs.append(seq)
         self._requests[request_id] = seqs
         for s in seqs:
@@ -346,6 +399,8 @@ class LLMEngine:
             num_generated_tokens_total=self.num_generated_tokens_total,
             num_preemptions_total=self.num_preemptions_total,
             num_constrained_host_advance_total=self.num_constrained_host_advance_total,
+            num_constrained_host_matcher_total=self.num_constrained_host_matcher_total,
+            host_matcher_seconds_total=self.host_matcher_seconds_total,
             num_failed_requests_total=self.num_failed_requests_total,
             num_constraint_cache_hits_total=compiles.hits, num_constraint_compiles_total=compiles.misses,
             num_constraints_too_complex_total=compiles.too_complex,
@@ -390,14 +445,14 @@ class LLMEngine:
         p = seq.params
         suppress = p.ignore_eos or len(seq.output_ids) < p.min_tokens
         grammar_row, from_device, tokens_left = 0, False, 0
-        if seq.grammar is not None:
+        if seq.is_constrained:
             # Placeholders count: their tokens are emitted (or the sequence stops and this row is dropped).
             tokens_left = min(seq.max_tokens - len(seq.output_ids), self.max_model_len - seq.num_tokens)
             # The state after a token still in flight exists only on the device, which stored it for this
             # slot when it sampled that token (the slot cannot have changed: a sequence preempted with a
             # token in flight is not readmitted before it is read). The mask row is picked on the device.
             from_device = emits and seq.num_pending > 0
-            if from_device and not seq.grammar_on_device:
+            if from_device and seq.needs_host_advance:
                 raise RuntimeError("internal error: a host-advanced constrained row was scheduled with its "
                                    "previous token unread")
             grammar_row = seq.grammar_offset + seq.grammar_state  # ignored when from_device
@@ -418,7 +473,7 @@ class LLMEngine:
         fails that request alone; the others go on. `EngineDead` means the device state was lost."""
         advanced: list[Sequence] = []
         self._follow_ready_programs()
-        if self._pending and any(s.grammar is not None and not s.grammar_on_device for s in self.scheduler.running):
+        if self._pending and any(s.needs_host_advance for s in self.scheduler.running):
             advanced += self._resolve(self._pending)
             self._pending = []
         sched = self.scheduler.schedule()
@@ -582,7 +637,7 @@ class LLMEngine:
         token = int(res.tokens[row])
         idx = len(seq.output_ids) - seq.num_pending
         seq.num_pending -= 1
-        if seq.grammar is not None and int(res.num_allowed[row]) == 0:
+        if seq.is_constrained and int(res.num_allowed[row]) == 0:
             self._finish(seq, "abort", "the constraint allows no token here (grammar dead end)")
             return
         seq.output_ids[idx] = token
@@ -598,6 +653,14 @@ class LLMEngine:
         finish = stops.advance(seq, token, self.end_token_ids, self.max_model_len)
         if finish is not None:
             self._finish(seq, *finish)
+        elif seq.host_matcher is not None:
+            # The next step's mask: a token the matcher rejects (it cannot: it allowed it) or a limit it hits
+            # fails this request alone (_resolve).
+            seconds = seq.host_matcher.seconds
+            seq.host_matcher.consume(token)
+            tokens_left = min(seq.max_tokens - len(seq.output_ids), self.max_model_len - seq.num_tokens)
+            self.grammar_pool.write_host_row(seq.grammar_offset, seq.host_matcher.mask_row(tokens_left, seq.max_tokens))
+            self.host_matcher_seconds_total += seq.host_matcher.seconds - seconds
 
     def _finish(self, seq: Sequence, reason: str, stop_reason: int | str | None = None) -> None:
         if seq.num_pending:  # tokens of steps in flight after the stop are dropped
@@ -612,6 +675,9 @@ class LLMEngine:
         if seq.grammar is not None:
             self.grammar_pool.release(seq.grammar)
             seq.grammar = None
+        if seq.host_matcher is not None:
+            self.grammar_pool.release_host_rows(seq.grammar_offset)
+            seq.host_matcher = None
 
     def _collect(self, advanced: Iterable[Sequence]) -> list[RequestOutput]:
         by_request: dict[str, list[Sequence]] = {}

@@ -77,6 +77,9 @@ class Sequence:
     grammar_offset: int = 0  # first row of this grammar in the device mask pool
     grammar_state: int = 0  # DFA state after the last resolved token (relative to the grammar)
     grammar_on_device: bool = False  # the device advances the state (its transition tables fit the pool)
+    # A constraint the device tables cannot hold: this sequence's own host matcher (constrained/host_matcher.py)
+    # rewrites its mask row (grammar_offset, state always 0) after every token.
+    host_matcher: Any = None
     num_preemptions: int = 0
     num_cached_tokens: int = 0  # prompt tokens reused from the prefix cache at (first) admission
     # Asked for (params.prompt_logprobs): per prompt position, the logprob of its token given the ones
@@ -97,6 +100,15 @@ class Sequence:
     @property
     def is_finished(self) -> bool:
         return self.status is SeqStatus.FINISHED
+
+    @property
+    def is_constrained(self) -> bool:
+        return self.grammar is not None or self.host_matcher is not None
+
+    @property
+    def needs_host_advance(self) -> bool:
+        """Its next mask row is known only once the host has read its last token (steps run synchronously)."""
+        return self.host_matcher is not None or (self.grammar is not None and not self.grammar_on_device)
 
     @property
     def num_resolved(self) -> int:

@@ -52,6 +52,12 @@ class _EngineGauges(Collector):
             "jaxserve_constraint_cache_hits": ("Constraints answered from the compiled-grammar cache",
                                                "num_constraint_cache_hits_total"),
             "jaxserve_constraint_compiles": ("Constraint compiles started", "num_constraint_compiles_total"),
+            "jaxserve_constrained_host_matcher_requests": (
+                "Constrained requests driven by the host matcher (constraints the device tables cannot hold)",
+                "num_constrained_host_matcher_total"),
+            "jaxserve_constrained_host_matcher_seconds": (
+                "Host time the host matcher's masks took (steps are synchronous while one runs)",
+                "host_matcher_seconds_total"),
             "jaxserve_prefix_cache_query_tokens": ("Prompt tokens looked up in the prefix cache",
                                                    "num_prefix_query_tokens_total"),
             "jaxserve_prefix_cache_hit_tokens": ("Prompt tokens whose KV came from the prefix cache",

@@ -1,0 +1,212 @@
+"""Host-side matcher for constraints the device tables cannot hold, backed by llguidance.
+
+The device path (one minimal DFA per constraint, its masks and transitions resident on the accelerator) is
+the fast path, but a flat DFA cannot express some JSON-schema keywords (patternProperties, if/then/else,
+min/maxProperties, ...) and explodes on large or deeply nested schemas. For those, llguidance (an Earley
+parser over lazily built lexer automata; exact for every schema it accepts) computes each step's allowed
+tokens on the host. The engine gives every such sequence its own mask row in the device pool and rewrites
+it after each token (engine.py), so the jitted sampler is the same for both paths.
+
+llguidance is an optional dependency here: without it the host path is off and the device path's error
+stands. A matcher never raises on grammar errors, it enters an error state; `HostMatcher` turns that into
+`HostMatcherError` so the engine fails that request alone.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from jaxserve.constrained.budget import BudgetMeter
+
+
+class HostMatcherError(RuntimeError):
+    """The matcher rejected a token or hit one of its per-step limits (the request fails alone)."""
+
+
+def llguidance_available() -> bool:
+    try:
+        import llguidance  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def host_tokenizer(hf_tokenizer: Any, vocab_width: int, end_token_ids: tuple[int, ...]) -> Any:
+    """llguidance's tokenizer for a fast HF tokenizer: `vocab_width` ids (the model's logit width, so its
+    bitmask rows have the device pool's width) and every engine end token as an EOS llguidance allows once
+    the constraint is complete. ~1 s: build it once per engine."""
+    import llguidance.hf
+
+    return llguidance.hf.from_tokenizer(hf_tokenizer, n_vocab=vocab_width, eos_token=list(end_token_ids))
+
+
+def _limits() -> Any:
+    """llguidance's parser limits: its defaults bound the work of each step (lexer fuel ~15 ms, Earley items),
+    the lexer's states (memory) and the grammar's size; verbose errors would echo the whole schema."""
+    import llguidance
+
+    return llguidance.LLParserLimits(verbose_errors=False)
+
+
+@dataclass(frozen=True, eq=False)
+class ClosingRows:
+    """Token sets that steer a host-matched output to an end when its token budget runs low (the device path
+    has exact closing rows from its DFA's distances; llguidance has no distance to acceptance): `closers` the
+    end tokens and the one-byte tokens that end a JSON string, object or array; `single_byte` every one-byte
+    token (the slowest way through a lexeme that must go on). Packed uint32 rows of the pool's width."""
+
+    closers: np.ndarray
+    single_byte: np.ndarray
+
+    @staticmethod
+    def from_vocab(tokens: "list[bytes | None] | tuple[bytes | None, ...]", end_token_ids: tuple[int, ...],
+                   words_per_row: int) -> "ClosingRows":
+        closers = np.zeros(words_per_row * 32, dtype=bool)
+        single = np.zeros(words_per_row * 32, dtype=bool)
+        for i, b in enumerate(tokens):
+            if b is not None and len(b) == 1:
+                single[i] = True
+                closers[i] = b in (b'"', b"}", b"]")
+        closers[list(end_token_ids)] = True
+        pack = lambda bits: np.packbits(bits, bitorder="little").view(np.uint32)  # noqa: E731
+        return ClosingRows(pack(closers), pack(single))
+
+    def narrow(self, row: np.ndarray) -> np.ndarray:
+        """`row` cut to the closers it allows, else to its one-byte tokens, else unchanged (never empty)."""
+        for subset in (self.closers, self.single_byte):
+            narrowed = row & subset
+            if narrowed.any():
+                return narrowed
+        return row
+
+
+def closing_margin(max_tokens: int) -> int:
+    """Tokens left at which a host-matched sequence starts closing: a quarter of its budget, at least 32."""
+    return max(32, max_tokens // 4)
+
+
+@dataclass(frozen=True, eq=False)
+class HostGrammar:
+    """A constraint compiled by llguidance. `key`: what identifies it (as `TokenTable.key`); `template`: a
+    fresh matcher that is never advanced, copied for each sequence (copying skips the grammar build);
+    `closing`: the vocabulary's closing rows (shared by every host grammar of a service)."""
+
+    key: tuple
+    grammar: str
+    template: Any
+    words_per_row: int
+    compile_seconds: float
+    closing: ClosingRows
+
+    @property
+    def nbytes(self) -> int:
+        return len(self.grammar)  # the matcher's lexer and parser state are not visible from Python
+
+    def min_tokens_needed(self) -> int:
+        return 1  # unknown without a distance table: a request may end by max_tokens (finish_reason "length")
+
+    def new_matcher(self) -> "HostMatcher":
+        return HostMatcher(self.template.deep_copy(), self.words_per_row, self.closing)
+
+
+class HostMatcher:
+    """One sequence's matcher: `mask_row(tokens_left, max_tokens)` packs the allowed tokens as the device
+    pool's uint32 rows (narrowed by the closing rows once the budget runs low), `consume(token)` advances
+    it. Not thread-safe (the engine's thread owns it)."""
+
+    __slots__ = ("_matcher", "_words", "_closing", "seconds")
+
+    def __init__(self, matcher: Any, words_per_row: int, closing: ClosingRows):
+        self._matcher = matcher
+        self._words = words_per_row
+        self._closing = closing
+        self.seconds = 0.0  # host time spent computing masks and advancing, for the metrics
+
+    def mask_row(self, tokens_left: int, max_tokens: int) -> np.ndarray:
+        """The next token's mask for a sequence that may still emit `tokens_left` of its `max_tokens`."""
+        row = self._allowed()
+        if tokens_left <= closing_margin(max_tokens):
+            row = self._closing.narrow(row)
+        return row
+
+    def _allowed(self) -> np.ndarray:
+        t0 = time.perf_counter()
+        raw = self._matcher.compute_bitmask()
+        self._check("computing its next-token mask")
+        row = np.frombuffer(raw, dtype=np.uint32)
+        # llguidance rounds its rows up by a word when the vocabulary is a multiple of 32; ids past the
+        # model's logits do not exist, so a bit there would be a mismatch of vocabularies.
+        if row.size < self._words or row[self._words:].any():
+            raise HostMatcherError(f"host matcher mask covers {row.size * 32} ids, the device pool rows "
+                                   f"{self._words * 32}")
+        row = row[: self._words]
+        self.seconds += time.perf_counter() - t0
+        return row
+
+    def consume(self, token: int) -> None:
+        t0 = time.perf_counter()
+        ok = self._matcher.consume_token(int(token))
+        self.seconds += time.perf_counter() - t0
+        if not ok:
+            self._check(f"consuming token {token}")
+            raise HostMatcherError(f"the host matcher rejected token {token}")
+
+    def is_accepting(self) -> bool:
+        return bool(self._matcher.is_accepting())
+
+    def _check(self, doing: str) -> None:
+        if self._matcher.is_error():
+            raise HostMatcherError(f"host matcher failed while {doing}: {self._matcher.get_error()}")
+
+
+def compile_host_grammar(kind: str, spec: Any, tokenizer: Any, key: tuple, closing: ClosingRows,
+                         meter: BudgetMeter) -> HostGrammar:
+    """llguidance grammar for a regex or JSON schema (compact JSON, as the device path emits), built and
+    checked against `tokenizer`. ValueError with llguidance's reason when it refuses; ConstraintTooComplex
+    when the build ran past the meter's deadline (llguidance's own limits bound the build itself)."""
+    import llguidance
+
+    t0 = time.perf_counter()
+    if kind == "json_schema":
+        schema = json.loads(spec) if isinstance(spec, (str, bytes)) else spec
+        try:
+            grammar = llguidance.LLMatcher.grammar_from_json_schema(
+                schema, defaults={"whitespace_flexible": False, "lenient": False})
+        except ValueError as e:
+            raise ValueError(f"host matcher: {e}") from None
+    elif kind == "regex":
+        grammar = llguidance.LLMatcher.grammar_from_regex(spec)
+    else:
+        raise ValueError(f"the host matcher does not take {kind!r} constraints")
+    matcher = llguidance.LLMatcher(tokenizer, grammar, log_level=0, limits=_limits())
+    if matcher.is_error():
+        raise ValueError(f"host matcher: {matcher.get_error()}")
+    meter.check_time("the host matcher's grammar build")
+    elapsed = time.perf_counter() - t0
+    return HostGrammar(key=key, grammar=grammar, template=matcher, words_per_row=closing.closers.size,
+                       compile_seconds=elapsed, closing=closing)
+
+
+
+def sample_host_walk(grammar: HostGrammar, end_token_ids: tuple[int, ...], rng: np.random.Generator, *,
+                     max_tokens: int = 400) -> tuple[list[int], bool]:
+    """A stand-in for a random model on the host path, as the engine drives it: uniform over the allowed
+    tokens, the closing rows once the budget runs low. Returns (token ids without the end token, ended)."""
+    matcher = grammar.new_matcher()
+    ends = set(end_token_ids)
+    out: list[int] = []
+    for step in range(max_tokens):
+        row = matcher.mask_row(max_tokens - step, max_tokens)
+        allowed = np.flatnonzero(np.unpackbits(row.view(np.uint8), bitorder="little"))
+        if allowed.size == 0:
+            raise HostMatcherError("the host matcher allows no token")
+        token = int(rng.choice(allowed))
+        if token in ends:
+            return out, True
+        matcher.consume(token)
+        out.append(token)
+    return out, False

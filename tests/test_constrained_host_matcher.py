@@ -1,0 +1,145 @@
+"""The host-matcher path: constraints the device grammar tables cannot hold run on llguidance, per request.
+
+Through the engine on the tiny random model (the mask does all the work): host-matched requests validate,
+run beside device-path requests without changing their tokens, fail alone when their matcher fails, and
+hold no pool rows once finished. Through the constraint service: which refusals fall back, and which do not.
+"""
+from __future__ import annotations
+
+import json
+import re
+
+import jsonschema
+import pytest
+
+pytest.importorskip("llguidance")
+
+from jaxserve.constrained.host_matcher import HostGrammar, HostMatcher, HostMatcherError  # noqa: E402
+from jaxserve.engine.engine import LLMEngine  # noqa: E402
+from jaxserve.sampling.params import Constraint, SamplingParams  # noqa: E402
+
+# patternProperties and maxProperties: no DFA of ours expresses them; values are booleans so every
+# output ends within the token budget even from a random model.
+MAP_SCHEMA = {
+    "type": "object",
+    "patternProperties": {"^[a-z]{1,6}$": {"type": "boolean"}},
+    "additionalProperties": False,
+    "maxProperties": 3,
+}
+# Deterministic finite automaton of 2^16 states (a 'b' 16 symbols from the end): past the compile budget.
+EXPLODING_REGEX = "[ab]*b[ab]{16}"
+
+FORMAT_CHECKER = jsonschema.Draft202012Validator.FORMAT_CHECKER
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_engine_config) -> LLMEngine:
+    eng = LLMEngine(tiny_engine_config())
+    eng.warmup()
+    return eng
+
+
+def run(engine: LLMEngine, requests: dict) -> dict[str, list[tuple[str, str]]]:
+    texts = {rid: [""] * p.n for rid, (_, p) in requests.items()}
+    reasons = {rid: [None] * p.n for rid, (_, p) in requests.items()}
+    errors = {}
+    for rid, (prompt, p) in requests.items():
+        engine.add_request(rid, prompt, p, engine.compile_constraint(p.constraint) if p.constraint else None)
+    while engine.has_work():
+        for out in engine.step():
+            if out.error:
+                errors[out.request_id] = out.error
+            for c in out.outputs:
+                texts[out.request_id][c.index] += c.text
+                if c.finish_reason:
+                    reasons[out.request_id][c.index] = c.finish_reason
+    results = {rid: list(zip(texts[rid], reasons[rid])) for rid in requests}
+    results.update({rid: [("ERROR", e)] for rid, e in errors.items()})
+    return results
+
+
+def test_schemas_the_device_path_refuses_run_on_the_host_and_validate(engine):
+    grammar = engine.compile_constraint(Constraint("json_schema", json.dumps(MAP_SCHEMA)))
+    assert isinstance(grammar, HostGrammar)
+    before = engine.stats()
+    requests = {f"map{i}": ([7, 8, 9 + i], SamplingParams(n=3, temperature=1.0, max_tokens=80, seed=i,
+                                                        constraint=Constraint("json_schema", json.dumps(MAP_SCHEMA))))
+                for i in range(3)}
+    results = run(engine, requests)
+    for rid, choices in results.items():
+        for text, reason in choices:
+            assert reason == "stop", (rid, text, reason)
+            value = json.loads(text)
+            jsonschema.validate(value, MAP_SCHEMA, format_checker=FORMAT_CHECKER)
+    stats = engine.stats()
+    assert stats.num_constrained_host_matcher_total - before.num_constrained_host_matcher_total == 3
+    assert stats.host_matcher_seconds_total > before.host_matcher_seconds_total
+    assert engine.grammar_pool.num_references() == 0 and engine.allocator.num_used == 0
+
+
+def test_host_matched_requests_leave_device_path_tokens_unchanged(engine):
+    device = {f"dev{i}": ([3, 4, 5 + i], SamplingParams(temperature=1.0, max_tokens=16, seed=100 + i,
+                                                       constraint=Constraint("regex", r"[a-z]{3,10}( [0-9]{1,3})?")))
+              for i in range(3)}
+    device["free"] = ([11, 12], SamplingParams(temperature=1.0, max_tokens=12, seed=7))
+    alone = run(engine, device)
+    host = {f"map{i}": ([7, 8], SamplingParams(temperature=1.0, max_tokens=80, seed=i,
+                                               constraint=Constraint("json_schema", json.dumps(MAP_SCHEMA))))
+            for i in range(3)}
+    together = run(engine, {**device, **host})
+    assert {rid: together[rid] for rid in device} == alone
+    for rid in host:
+        [(text, reason)] = together[rid]
+        jsonschema.validate(json.loads(text), MAP_SCHEMA)
+
+
+def test_a_regex_past_the_device_budget_runs_on_the_host(engine):
+    constraint = Constraint("regex", EXPLODING_REGEX)
+    assert isinstance(engine.compile_constraint(constraint), HostGrammar)
+    results = run(engine, {"re": ([1, 2], SamplingParams(n=2, temperature=1.0, max_tokens=40, seed=3, constraint=constraint))})
+    for text, reason in results["re"]:
+        # A random model rarely stops on its own: the matcher allows more [ab] after every match.
+        assert re.fullmatch("[ab]*", text) and len(text) >= 17, text
+        if reason == "stop":
+            assert re.fullmatch(EXPLODING_REGEX, text), text
+
+
+def test_a_failing_host_matcher_fails_its_request_alone(engine, monkeypatch):
+    host = Constraint("json_schema", json.dumps(MAP_SCHEMA))
+
+    def consume(self, token):
+        raise HostMatcherError("injected")
+
+    monkeypatch.setattr(HostMatcher, "consume", consume)
+    requests = {"bad": ([7, 8], SamplingParams(temperature=1.0, max_tokens=80, seed=1, constraint=host)),
+                "ok": ([3, 4], SamplingParams(temperature=1.0, max_tokens=16, seed=2,
+                                              constraint=Constraint("regex", "[a-z]{3,10}")))}
+    results = run(engine, requests)
+    assert results["bad"][0][0] == "ERROR" and "injected" in results["bad"][0][1]
+    assert results["ok"][0][1] == "stop" and re.fullmatch("[a-z]{3,10}", results["ok"][0][0])
+    assert engine.grammar_pool.num_references() == 0 and engine.allocator.num_used == 0
+
+
+def test_malformed_constraints_are_not_sent_to_the_host(engine):
+    with pytest.raises(ValueError, match="not valid JSON"):
+        engine.compile_constraint(Constraint("json_schema", "{not json"))
+    with pytest.raises(ValueError):  # a regex our parser rejects: its syntax, not its size
+        engine.compile_constraint(Constraint("regex", "(ab"))
+
+
+def test_host_matcher_off_keeps_the_400(tiny_engine_config):
+    from jaxserve.constrained.service import ConstraintService
+
+    eng = LLMEngine(tiny_engine_config(constraint_host_matcher=False))
+    assert eng.constraints.host_tokenizer() is None
+    with pytest.raises(ValueError, match="patternProperties"):
+        eng.compile_constraint(Constraint("json_schema", json.dumps(MAP_SCHEMA)))
+    assert isinstance(eng.constraints, ConstraintService)
+
+
+def test_both_paths_refusing_names_both_reasons(engine):
+    schema = {"type": "object", "patternProperties": {"^a": {"type": "string"}}, "x-unknown": 1,
+              "propertyNames": {"pattern": "^(?=a)"}}
+    with pytest.raises(ValueError) as info:
+        engine.compile_constraint(Constraint("json_schema", json.dumps(schema)))
+    assert "host matcher refused it too" in str(info.value)
