@@ -23,7 +23,7 @@ import jsonschema
 import numpy as np
 
 from jaxserve.constrained.grammar import Grammar
-from jaxserve.constrained.host_matcher import HostGrammar, host_tokenizer, sample_host_walk
+from jaxserve.constrained.host_matcher import HostGrammar, HostMatcherError, host_tokenizer, sample_host_walk
 from jaxserve.constrained.service import ConstraintService
 from jaxserve.constrained.token_table import sample_walk
 from jaxserve.constrained.vocab import VocabInfo
@@ -122,10 +122,15 @@ def main() -> None:
                 continue
             path = "host" if isinstance(grammar, HostGrammar) else "device"
             count[path] += 1
-            if isinstance(grammar, Grammar):
-                tokens, finished = sample_walk(grammar.table, rng, max_tokens=WALK_TOKENS)
-            else:
-                tokens, finished = sample_host_walk(grammar, vocab.eos_token_ids, rng, max_tokens=WALK_TOKENS)
+            try:
+                if isinstance(grammar, Grammar):
+                    tokens, finished = sample_walk(grammar.table, rng, max_tokens=WALK_TOKENS)
+                else:
+                    tokens, finished = sample_host_walk(grammar, vocab.eos_token_ids, rng, max_tokens=WALK_TOKENS)
+            except HostMatcherError as e:  # a limit of the matcher hit mid-walk: that request would fail
+                count["failed_host"] += 1
+                invalid_files.append((f.name, path, "HostMatcherError", str(e)[:200]))
+                continue
             if not finished:
                 count[f"unfinished_{path}"] += 1
                 continue
@@ -145,11 +150,12 @@ def main() -> None:
             "invalid": count["invalid_device"] + count["invalid_host"],
             "invalid_device": count["invalid_device"], "invalid_host": count["invalid_host"],
             "unfinished_device": count["unfinished_device"], "unfinished_host": count["unfinished_host"],
+            "failed_host": count["failed_host"],
             "seconds": round(time.perf_counter() - t0, 1), "reasons": dict(reasons.most_common(12)),
         }
         print(subset.name, json.dumps(summary[subset.name]), file=sys.stderr)
         for name, path, kind, text in invalid_files[:10]:
-            print("  INVALID", name, path, kind, text, file=sys.stderr)
+            print("  INVALID" if kind != "HostMatcherError" else "  FAILED", name, path, kind, text, file=sys.stderr)
     print(json.dumps({"bench": "jsonschemabench_coverage", "host_matcher": not args.no_host, "subsets": summary}))
 
 

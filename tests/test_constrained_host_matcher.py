@@ -18,13 +18,13 @@ from jaxserve.constrained.host_matcher import HostGrammar, HostMatcher, HostMatc
 from jaxserve.engine.engine import LLMEngine  # noqa: E402
 from jaxserve.sampling.params import Constraint, SamplingParams  # noqa: E402
 
-# patternProperties and maxProperties: no DFA of ours expresses them; values are booleans so every
-# output ends within the token budget even from a random model.
+# multipleOf 3 without bounds: no DFA of ours lists the multiples; booleans and a short integer keep every
+# output within the token budget even from a random model (the closing rows end the number).
 MAP_SCHEMA = {
     "type": "object",
-    "patternProperties": {"^[a-z]{1,6}$": {"type": "boolean"}},
+    "properties": {"n": {"type": "integer", "multipleOf": 3}, "ok": {"type": "boolean"}},
+    "required": ["n", "ok"],
     "additionalProperties": False,
-    "maxProperties": 3,
 }
 # Deterministic finite automaton of 2^16 states (a 'b' 16 symbols from the end): past the compile budget.
 EXPLODING_REGEX = "[ab]*b[ab]{16}"
@@ -132,14 +132,24 @@ def test_host_matcher_off_keeps_the_400(tiny_engine_config):
 
     eng = LLMEngine(tiny_engine_config(constraint_host_matcher=False))
     assert eng.constraints.host_tokenizer() is None
-    with pytest.raises(ValueError, match="patternProperties"):
+    with pytest.raises(ValueError, match="multipleOf"):
         eng.compile_constraint(Constraint("json_schema", json.dumps(MAP_SCHEMA)))
     assert isinstance(eng.constraints, ConstraintService)
 
 
 def test_both_paths_refusing_names_both_reasons(engine):
-    schema = {"type": "object", "patternProperties": {"^a": {"type": "string"}}, "x-unknown": 1,
-              "propertyNames": {"pattern": "^(?=a)"}}
+    schema = {"type": "object", "propertyNames": {"pattern": "^a"}}
     with pytest.raises(ValueError) as info:
         engine.compile_constraint(Constraint("json_schema", json.dumps(schema)))
     assert "host matcher refused it too" in str(info.value)
+
+
+def test_keywords_llguidance_keeps_inexactly_are_refused_on_the_host_too(engine):
+    # Found by probing llguidance: it takes 0.3 as a multiple of 0.1 (jsonschema does not: binary floats) and
+    # lets a name repeat in an open object (a repeated name counts once against minProperties).
+    for schema, keyword in (({"type": "number", "multipleOf": 0.1}, "multipleOf"),
+                            ({"type": "object", "additionalProperties": {"type": "integer"}, "minProperties": 2},
+                             "minProperties")):
+        with pytest.raises(ValueError, match=keyword) as info:
+            engine.compile_constraint(Constraint("json_schema", json.dumps(schema)))
+        assert "host matcher" in str(info.value)

@@ -56,7 +56,7 @@ def _limits() -> Any:
 class ClosingRows:
     """Token sets that steer a host-matched output to an end when its token budget runs low (the device path
     has exact closing rows from its DFA's distances; llguidance has no distance to acceptance): `closers` the
-    end tokens and the one-byte tokens that end a JSON string, object or array; `single_byte` every one-byte
+    end tokens and the one-byte tokens that end a JSON string, number, object or array; `single_byte` every one-byte
     token (the slowest way through a lexeme that must go on). Packed uint32 rows of the pool's width."""
 
     closers: np.ndarray
@@ -70,7 +70,7 @@ class ClosingRows:
         for i, b in enumerate(tokens):
             if b is not None and len(b) == 1:
                 single[i] = True
-                closers[i] = b in (b'"', b"}", b"]")
+                closers[i] = b in (b'"', b"}", b"]", b",")
         closers[list(end_token_ids)] = True
         pack = lambda bits: np.packbits(bits, bitorder="little").view(np.uint32)  # noqa: E731
         return ClosingRows(pack(closers), pack(single))
@@ -163,6 +163,29 @@ class HostMatcher:
             raise HostMatcherError(f"host matcher failed while {doing}: {self._matcher.get_error()}")
 
 
+def _inexact_for_llguidance(schema: Any) -> str | None:
+    """Keywords llguidance accepts but does not keep exactly as `jsonschema` checks them (found by random
+    walks over JSONSchemaBench and by probing): what is wrong, or None. Anywhere in the schema."""
+    stack = [schema]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, list):
+            stack.extend(node)
+            continue
+        if not isinstance(node, dict):
+            continue
+        step = node.get("multipleOf")
+        if isinstance(step, float) and not step.is_integer():
+            # llguidance allows 0.3 for multipleOf 0.1; jsonschema divides in binary floating point and refuses it.
+            return f"unsupported keyword 'multipleOf' with the fractional step {step}"
+        open_names = node.get("patternProperties") or node.get("additionalProperties", True) is not False
+        if isinstance(node.get("minProperties"), int) and node["minProperties"] > 1 and open_names:
+            # llguidance lets a name repeat; a repeated name counts once, so fewer properties than required.
+            return "unsupported keyword 'minProperties' above 1 where undeclared names are allowed"
+        stack.extend(v for k, v in node.items() if k not in ("enum", "const", "examples", "default"))
+    return None
+
+
 def compile_host_grammar(kind: str, spec: Any, tokenizer: Any, key: tuple, closing: ClosingRows,
                          meter: BudgetMeter) -> HostGrammar:
     """llguidance grammar for a regex or JSON schema (compact JSON, as the device path emits), built and
@@ -173,6 +196,9 @@ def compile_host_grammar(kind: str, spec: Any, tokenizer: Any, key: tuple, closi
     t0 = time.perf_counter()
     if kind == "json_schema":
         schema = json.loads(spec) if isinstance(spec, (str, bytes)) else spec
+        inexact = _inexact_for_llguidance(schema)
+        if inexact:
+            raise ValueError(f"host matcher: {inexact}")
         try:
             grammar = llguidance.LLMatcher.grammar_from_json_schema(
                 schema, defaults={"whitespace_flexible": False, "lenient": False})

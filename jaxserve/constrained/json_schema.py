@@ -24,6 +24,7 @@ from jaxserve.constrained.budget import BudgetMeter, CompileBudget, ConstraintTo
 from jaxserve.constrained.regex_parser import (
     Chars,
     Repeat,
+    Seq,
     emit_chars,
     emit_regex,
     parse_regex,
@@ -41,9 +42,11 @@ NULL = r"null"
 # Characters a JSON string may hold unescaped: patterns are narrowed to these so text == value.
 _UNESCAPED_FORBIDDEN = ((0x00, 0x1F), (0x22, 0x22), (0x5C, 0x5C))
 
-_DATE = r"[0-9]{4}-(?:(?:0[13578]|1[02])-(?:0[1-9]|[12][0-9]|3[01])|(?:0[469]|11)-(?:0[1-9]|[12][0-9]|30)|02-(?:0[1-9]|1[0-9]|2[0-8]))"
+_DATE = r"[1-9][0-9]{3}-(?:(?:0[13578]|1[02])-(?:0[1-9]|[12][0-9]|3[01])|(?:0[469]|11)-(?:0[1-9]|[12][0-9]|30)|02-(?:0[1-9]|1[0-9]|2[0-8]))"
 _TIME = r"(?:[01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9](?:\.[0-9]{1,6})?(?:Z|[+-](?:[01][0-9]|2[0-3]):[0-5][0-9])"
 _OCTET = r"(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
+_LABEL = r"[a-zA-Z](?:[a-zA-Z0-9-]{0,30}[a-zA-Z0-9])?"
+_HOST = rf"{_LABEL}(?:\.{_LABEL}){{0,3}}"
 FORMATS = {
     "date": _DATE,
     "time": _TIME,
@@ -52,7 +55,20 @@ FORMATS = {
     "email": r"[a-zA-Z0-9](?:[a-zA-Z0-9._+-]{0,30}[a-zA-Z0-9])?@[a-zA-Z0-9](?:[a-zA-Z0-9-]{0,30}[a-zA-Z0-9])?(?:\.[a-zA-Z0-9](?:[a-zA-Z0-9-]{0,30}[a-zA-Z0-9])?)*\.[a-zA-Z]{2,8}",
     "uri": r"https?://[a-zA-Z0-9](?:[a-zA-Z0-9-]{0,30}[a-zA-Z0-9])?(?:\.[a-zA-Z0-9](?:[a-zA-Z0-9-]{0,30}[a-zA-Z0-9])?)*(?:/[a-zA-Z0-9._~-]*)*",
     "ipv4": rf"{_OCTET}(?:\.{_OCTET}){{3}}",
+    # Safe subsets of the rest of the formats JSON Schema defines (every match passes jsonschema's checker).
+    "hostname": _HOST,
+    "idn-hostname": _HOST,
+    "ipv6": r"[0-9a-f]{1,4}(?::[0-9a-f]{1,4}){7}",
+    "duration": r"P[1-9][0-9]{0,3}D(?:T[1-9][0-9]?H)?",
+    "json-pointer": r"(?:/[a-zA-Z0-9._-]*)*",
+    "relative-json-pointer": r"(?:0|[1-9][0-9]{0,3})(?:/[a-zA-Z0-9._-]*)*",
+    "regex": r"[a-zA-Z0-9 _-]*",
 }
+for _alias, _same in (("uri-reference", "uri"), ("iri", "uri"), ("iri-reference", "uri"), ("uri-template", "uri"),
+                      ("idn-email", "email")):
+    FORMATS[_alias] = FORMATS[_same]
+# Format names JSON Schema defines; any other is an annotation that constrains nothing (validators ignore it).
+KNOWN_FORMATS = frozenset(FORMATS)
 
 # Keywords that never constrain the instance.
 _ANNOTATIONS = {
@@ -74,6 +90,7 @@ class JsonSchemaOptions:
     max_ref_depth: int = 3
     max_nesting: int = 3
     max_counted_repeat: int = 32
+    max_counted_min: int = 256  # largest minLength / minItems expressed (a lower bound cannot be narrowed)
     max_enum_values: int = 1000
 
 
@@ -286,9 +303,12 @@ class _Converter:
             return self.ref(schema, depth)
         if "allOf" in schema:
             return self.value(self.merge_all_of(schema), depth)
-        for key in ("not", "if", "then", "else", "dependencies", "dependentSchemas", "dependentRequired",
-                    "unevaluatedProperties", "unevaluatedItems", "contains", "$dynamicRef", "$recursiveRef",
-                    "propertyNames", "patternProperties", "minProperties", "maxProperties", "multipleOf"):
+        if "if" in schema:
+            return self.value(self.conditional(schema), depth)
+        if any(k in schema for k in _DEPENDENCY_KEYWORDS):
+            return self.value(self.dependencies(schema), depth)
+        for key in ("not", "unevaluatedProperties", "unevaluatedItems", "contains", "$dynamicRef", "$recursiveRef",
+                    "propertyNames"):
             if key in schema and not self.harmless(schema, key):
                 raise UnsupportedSchema(f"unsupported keyword {key!r}")
         if "const" in schema:
@@ -314,19 +334,117 @@ class _Converter:
 
     def harmless(self, schema: dict, key: str) -> bool:
         v = schema[key]
-        if key in ("dependencies", "dependentSchemas", "dependentRequired", "patternProperties"):
-            return v == {}
-        if key == "multipleOf":
-            return "integer" == schema.get("type") and isinstance(v, int) and v == 1
-        if key == "minProperties":
-            return isinstance(v, int) and v <= len(set(schema.get("required", [])))
-        if key == "maxProperties":
-            return isinstance(v, int) and v >= len(schema.get("properties", {}) or {}) + len(
-                set(schema.get("required", [])) - set(schema.get("properties", {}) or {})) and (
-                schema.get("additionalProperties", None) is False or bool(schema.get("properties")))
         if key in ("unevaluatedProperties", "unevaluatedItems"):
             return v is True
+        if key == "propertyNames":
+            return v is True or v == {}
         return False
+
+    # -- conditionals and dependencies, rewritten as alternatives of plain object schemas
+    def conditional(self, schema: dict) -> dict:
+        """if/then/else where `if` tests one property against literal values and the schema itself gives
+        that property a finite set of values (enum/const/boolean): the set splits exactly into the values
+        that pass `if` and those that fail it, so the three cases (passes; fails; absent, which passes
+        unless `if` requires the property) become disjoint anyOf branches merged with then / else."""
+        cond = schema["if"]
+        then, otherwise = schema.get("then", True), schema.get("else", True)
+        base = {k: v for k, v in schema.items() if k not in ("if", "then", "else")}
+        if cond is True or cond == {}:
+            return {"allOf": [base, then]}
+        if cond is False:
+            return {"allOf": [base, otherwise]}
+        unsupported = UnsupportedSchema("unsupported keyword 'if': only a test of one property against "
+                                        "literal values the schema enumerates is supported")
+        if not isinstance(cond, dict) or set(cond) - {"properties", "required", "type"} - _ANNOTATIONS:
+            raise unsupported
+        if cond.get("type", "object") != "object" or base.get("type", "object") != "object" or _has_branches(base):
+            raise unsupported
+        props = cond.get("properties")
+        if not isinstance(props, dict) or len(props) != 1:
+            raise unsupported
+        [(name, test)] = props.items()
+        tested = _literal_values(test)
+        if tested is None or set(test) - {"const", "enum"} - _ANNOTATIONS:
+            raise unsupported
+        if set(cond.get("required", [])) - {name}:
+            raise unsupported
+        declared = (base.get("properties") or {}).get(name)
+        values = self.finite_values(declared)
+        if values is None:
+            raise unsupported
+        passing = {_literal_key(v) for v in tested}
+        inside = [v for v in values if _literal_key(v) in passing]
+        outside = [v for v in values if _literal_key(v) not in passing]
+        required = list(base.get("required", []))
+        if_requires = name in cond.get("required", [])
+
+        def case(allowed, tail):
+            props = dict(base.get("properties") or {})
+            if allowed is None:  # the property absent
+                props[name] = False
+                return {"allOf": [{**base, "properties": props}, tail]}
+            narrowed = {k: v for k, v in self.deref(declared).items() if k != "const"}
+            props[name] = {**narrowed, "enum": allowed}
+            return {"allOf": [{**base, "properties": props, "required": required + [name]}, tail]}
+
+        branches = [case(inside, then)] if inside else []
+        if outside:
+            branches.append(case(outside, otherwise))
+        branches.append(case(None, otherwise if if_requires else then))
+        return {"anyOf": branches}
+
+    def deref(self, schema):
+        """A schema that is only a $ref, resolved (one level)."""
+        if isinstance(schema, dict) and "$ref" in schema and len(schema) == 1:
+            return self.resolve(schema["$ref"])
+        return schema
+
+    def finite_values(self, schema) -> list | None:
+        """Every value `schema` admits when that is a small literal set (enum, const, boolean), else None."""
+        schema = self.deref(schema)
+        values = _literal_values(schema)
+        if values is not None:
+            return values
+        if isinstance(schema, dict) and schema.get("type") == "boolean" and set(schema) - _ANNOTATIONS == {"type"}:
+            return [True, False]
+        return None
+
+    def dependencies(self, schema: dict) -> dict:
+        """dependentRequired / dependentSchemas / dependencies (both forms): each trigger property is either
+        absent (kept declared with schema false, so nothing else can take its name) or present with what it
+        brings; 2^triggers disjoint branches, the compile budget bounds them."""
+        base = {k: v for k, v in schema.items() if k not in _DEPENDENCY_KEYWORDS}
+        rules: list[tuple[str, object]] = []
+        for key in _DEPENDENCY_KEYWORDS:
+            table = schema.get(key, {})
+            if not isinstance(table, dict):
+                raise ValueError(f"{key} must be an object")
+            for name, need in table.items():
+                if isinstance(need, list):
+                    if not all(isinstance(n, str) for n in need):
+                        raise ValueError(f"{key}.{name} must list property names")
+                    rules.append((name, {"required": need}))
+                elif isinstance(need, (dict, bool)):
+                    rules.append((name, need))
+                else:
+                    raise ValueError(f"{key}.{name} must be an array of names or a schema")
+        if not rules:
+            return base
+        if _has_branches(base) or base.get("type", "object") != "object":
+            raise UnsupportedSchema("unsupported keyword 'dependencies' beside anyOf/oneOf or non-object types")
+        branches = [base]
+        for name, need in rules:
+            expanded = []
+            for b in branches:
+                absent = dict(b.get("properties") or {})
+                absent[name] = False
+                expanded.append({**b, "properties": absent})
+                required = list(b.get("required", []))
+                present = {**b, "required": required + ([name] if name not in required else [])}
+                expanded.append({"allOf": [present, need]} if need is not True else present)
+            branches = expanded
+            self.charge(len(json.dumps(branches)))
+        return {"anyOf": branches}
 
     def ref(self, schema: dict, depth: int) -> str:
         ref = schema["$ref"]
@@ -401,7 +519,8 @@ class _Converter:
         if not isinstance(subs, list) or not subs:
             raise ValueError(f"{key} must be a non-empty array")
         siblings = {k: v for k, v in schema.items() if k not in (key, "anyOf", "oneOf") and k not in _ANNOTATIONS}
-        if key == "oneOf" and len(subs) > 1 and not _disjoint_types(subs, self):
+        if key == "oneOf" and len(subs) > 1 and not _disjoint_types(subs, self) and \
+                not _exclusive_objects(subs, siblings, self):
             raise UnsupportedSchema("unsupported keyword 'oneOf' with branches that may overlap")
         if "anyOf" in schema and "oneOf" in schema:
             raise UnsupportedSchema("unsupported keyword 'anyOf' together with 'oneOf'")
@@ -496,17 +615,21 @@ class _Converter:
             raise _Never()
         fmt = schema.get("format")
         pattern = schema.get("pattern")
-        if fmt is not None and fmt not in FORMATS:
-            raise UnsupportedSchema(f"unsupported keyword 'format' value {fmt!r}")
-        if fmt is not None:
-            if pattern is not None or "minLength" in schema or "maxLength" in schema:
-                raise UnsupportedSchema("unsupported keyword 'format' combined with pattern/minLength/maxLength")
-            return f'"{FORMATS[fmt]}"'
+        if fmt is not None and fmt in KNOWN_FORMATS:
+            if pattern is not None:
+                raise UnsupportedSchema("unsupported keyword 'format' combined with pattern")
+            regex = FORMATS[fmt]
+            lo, hi = _length_range(parse_regex(regex))
+            if lo < min_len or (max_len is not None and (hi is None or hi > max_len)):
+                raise UnsupportedSchema(f"unsupported keyword 'format' {fmt!r} with minLength/maxLength "
+                                        f"outside its lengths {lo}..{hi}")
+            return f'"{regex}"'
         if pattern is not None:
             return '"' + self.pattern(pattern, min_len, max_len) + '"'
-        cap = self.options.max_counted_repeat
+        cap = self.options.max_counted_min
         if min_len > cap:
             raise UnsupportedSchema(f"unsupported keyword 'minLength' above {cap}")
+        cap = self.options.max_counted_repeat
         hi = None if max_len is None else min(max_len, max(cap, min_len))
         return f'"{STRING_CHAR}{_repeat_bounds(min_len, hi)}"'
 
@@ -524,26 +647,66 @@ class _Converter:
         lo, hi = _length_range(node)
         if lo >= min_len and (max_len is None or (hi is not None and hi <= max_len)):
             return "(?:" + emit_regex(node) + ")"
-        if isinstance(node, Repeat) and isinstance(node.item, Chars):
-            new_lo = max(node.min, min_len)
-            bounds = [b for b in (node.max, max_len) if b is not None]
+        # One repetition of a character class among fixed-length parts: its bounds carry the lengths.
+        items = list(node.items) if isinstance(node, Seq) else [node]
+        ranges = [_length_range(it) for it in items]
+        variable = [i for i, (a, b) in enumerate(ranges) if a != b]
+        if len(variable) == 1 and isinstance(items[variable[0]], Repeat) and isinstance(items[variable[0]].item, Chars):
+            rep = items[variable[0]]
+            fixed = sum(a for i, (a, _) in enumerate(ranges) if i != variable[0])
+            new_lo = max(rep.min, min_len - fixed)
+            bounds = [b for b in (rep.max, None if max_len is None else max_len - fixed) if b is not None]
             new_hi = min(bounds) if bounds else None
             if new_hi is not None and new_hi < new_lo:
                 raise _Never()
-            return "(?:" + emit_regex(Repeat(node.item, new_lo, new_hi)) + ")"
+            items[variable[0]] = Repeat(rep.item, new_lo, new_hi)
+            return "(?:" + emit_regex(Seq(tuple(items)) if len(items) > 1 else items[0]) + ")"
         raise UnsupportedSchema("unsupported keyword 'pattern' combined with minLength/maxLength")
 
     # -- numbers
     def integer(self, schema: dict) -> str:
         lo = _int_bound(schema, "minimum", "exclusiveMinimum", lower=True)
         hi = _int_bound(schema, "maximum", "exclusiveMaximum", lower=False)
+        step = _multiple_of(schema)
+        if step is not None:
+            return self.multiples(step, None if lo is None else int(lo), None if hi is None else int(hi))
         if lo is None and hi is None:
             return INTEGER
         return int_range(None if lo is None else int(lo), None if hi is None else int(hi), self.charge)
 
+    def multiples(self, step: int, lo: int | None, hi: int | None) -> str:
+        """Integers in [lo, hi] divisible by `step`: listed when there are at most max_enum_values of them;
+        otherwise exact by their last digits when step = 2^a 5^b (divisibility by it depends only on the
+        last max(a, b) digits); else refused."""
+        if step == 1:
+            return self.integer({k: v for k, v in {"minimum": lo, "maximum": hi}.items() if v is not None})
+        if lo is not None and hi is not None:
+            first = -(-lo // step) * step
+            if first > hi:
+                raise _Never()
+            if (hi - first) // step < self.options.max_enum_values:
+                return self.out(_alt([str(v) for v in range(first, hi + 1, step)]))
+            raise UnsupportedSchema("unsupported keyword 'multipleOf' over a range this wide")
+        positive = _positive_multiples_regex(step, self.options.max_enum_values)
+        if positive is None:
+            raise UnsupportedSchema(f"unsupported keyword 'multipleOf' {step} without both bounds")
+        if lo is None and hi is None:
+            return f"(?:0|-?{positive})"
+        if hi is None and lo <= 0 and lo > -step:  # 0 and the positive multiples
+            return f"(?:0|{positive})"
+        if hi is None and 0 < lo <= step:
+            return positive
+        if lo is None and 0 <= hi < step:
+            return f"(?:0|-{positive})"
+        if lo is None and -step <= hi < 0:
+            return f"-{positive}"
+        raise UnsupportedSchema("unsupported keyword 'multipleOf' with this one-sided bound")
+
     def number(self, schema: dict) -> str:
         lo = _int_bound(schema, "minimum", "exclusiveMinimum", lower=True)
         hi = _int_bound(schema, "maximum", "exclusiveMaximum", lower=False)
+        if "multipleOf" in schema:  # an integral step: its multiples are integers
+            return self.integer(schema)
         if lo is None and hi is None:
             return NUMBER
         # Integer part k in [lo, hi]; a fraction only where k >= 0 and k + 1 <= hi keeps k.f inside.
@@ -558,6 +721,9 @@ class _Converter:
 
     # -- objects
     def object(self, schema: dict, depth: int) -> str:
+        """Declared properties in schema order (required ones always, optional ones maybe); undeclared names
+        only when nothing is declared (from patternProperties, else additionalProperties). A declared name
+        that matches patternProperties also takes their schemas. min/maxProperties count the members."""
         props = schema.get("properties", {}) or {}
         if not isinstance(props, dict):
             raise ValueError("properties must be an object")
@@ -565,31 +731,110 @@ class _Converter:
         if not isinstance(required, list):
             raise ValueError("required must be an array")
         additional = schema.get("additionalProperties", True)
+        patterns = schema.get("patternProperties", {}) or {}
+        if not isinstance(patterns, dict):
+            raise ValueError("patternProperties must be an object")
+        compiled = []
+        for pattern, sub in patterns.items():
+            try:  # jsonschema matches names with Python's re.search: the same semantics here
+                compiled.append((pattern, re.compile(pattern), sub))
+            except re.error as e:
+                raise UnsupportedSchema(f"unsupported keyword 'patternProperties': {pattern!r}: {e}") from None
+        lo, hi = schema.get("minProperties", 0), schema.get("maxProperties")
+        if not isinstance(lo, int) or (hi is not None and not isinstance(hi, int)) or lo < 0 or (hi or 0) < 0:
+            raise ValueError("minProperties/maxProperties must be non-negative integers")
         names = list(props) + [r for r in required if r not in props]
         if not names:
-            if additional is False:
-                return f"{_literal('{')}{self.ws}{_literal('}')}"
-            if additional is True or additional == {}:
-                return self.any_object(max(depth - 1, 0))
-            value = self.value(additional, depth)
-            member = f"{STRING}{self.sep(':')}{value}"
-            self.charge(2 * len(member))
-            return f"{_literal('{')}{self.ws}(?:{member}(?:{self.sep(',')}{member})*)?{self.ws}{_literal('}')}"
+            return self.open_object(additional, compiled, lo, hi, depth)
         members: list[tuple[str, bool]] = []
         for name in names:
             is_required = name in required
-            if name not in props and additional is False:
+            matching = [sub for _, rx, sub in compiled if rx.search(name)]
+            if name in props:
+                sub = props[name]
+            elif matching:
+                sub = True  # an undeclared name that a pattern takes: additionalProperties does not apply
+            elif additional is False:
                 raise _Never()  # required, yet forbidden by additionalProperties: false
-            sub = props.get(name, additional if isinstance(additional, dict) else True)
+            else:
+                sub = additional if isinstance(additional, dict) else True
+            if matching:
+                sub = {"allOf": [sub] + matching}
             key = _literal(json.dumps(name, ensure_ascii=False))
             try:
                 members.append((f"{key}{self.sep(':')}{self.value(sub, depth)}", is_required))
             except _Never:
                 if is_required:
                     raise
-        return self.members(members)
+        return self.members(members, lo, hi)
 
-    def members(self, members: list[tuple[str, bool]]) -> str:
+    def open_object(self, additional, patterns: list, lo: int, hi: int | None, depth: int) -> str:
+        """An object with no declared names: members whose names come from patternProperties (a name of any
+        pattern, its value valid for every pattern's schema) or else from additionalProperties. Names may
+        repeat, and a repeated name counts once: so minProperties above 1 cannot be promised here."""
+        empty = f"{_literal('{')}{self.ws}{_literal('}')}"
+        if patterns:
+            keys = _alt(['"' + self.pattern(p, 0, None) + '"' for p, _, _ in patterns])
+            value_schema = patterns[0][2] if len(patterns) == 1 else {"allOf": [sub for _, _, sub in patterns]}
+        elif additional is False:
+            if lo > 0:
+                raise _Never()
+            return empty
+        else:
+            keys = STRING
+            value_schema = True if additional is True or additional == {} else additional
+        if lo > 1:
+            raise UnsupportedSchema("unsupported keyword 'minProperties' above 1 for an object without declared properties")
+        if value_schema is True and not patterns and lo == 0 and hi is None:
+            return self.any_object(max(depth - 1, 0))
+        try:
+            value = self.value(value_schema, depth - 1 if value_schema is True else depth)
+        except _Never:
+            if lo > 0:
+                raise
+            return empty
+        if hi == 0:
+            return empty
+        member = f"{keys}{self.sep(':')}{value}"
+        self.charge(2 * len(member))
+        more = _repeat_bounds(max(lo - 1, 0), None if hi is None else hi - 1)
+        body = f"{member}(?:{self.sep(',')}{member}){more}"
+        if lo == 0:
+            body = f"(?:{body})?"
+        return f"{_literal('{')}{self.ws}{body}{self.ws}{_literal('}')}"
+
+    def members(self, members: list[tuple[str, bool]], lo: int = 0, hi: int | None = None) -> str:
+        """Members in order, required ones always; between `lo` and `hi` of them in all."""
+        n_required = sum(1 for _, r in members if r)
+        top = len(members) if hi is None else min(hi, len(members))
+        if lo > top or n_required > top:
+            raise _Never()
+        if lo <= n_required and top == len(members):
+            return self.uncounted_members(members)
+        return self.counted_members(members, lo, top)
+
+    def counted_members(self, members: list[tuple[str, bool]], lo: int, hi: int) -> str:
+        """suffix[k]: the members from i on when k were emitted before (None: no way to end within
+        [lo, hi]). Each optional member doubles what follows it in the text: the budget bounds that."""
+        comma = self.sep(",")
+        suffix: list[str | None] = ["" if k >= lo else None for k in range(hi + 1)]
+        for text, is_required in reversed(members):
+            nxt = suffix
+            suffix = []
+            for k in range(hi + 1):
+                take = None
+                if k < hi and nxt[k + 1] is not None:
+                    take = (comma if k else "") + text + nxt[k + 1]
+                skip = None if is_required else nxt[k]
+                options = [o for o in (take, skip) if o is not None]
+                suffix.append(None if not options else options[0] if len(options) == 1
+                              else "(?:" + "|".join(options) + ")")
+                self.charge(len(suffix[-1] or ""))
+        if suffix[0] is None:
+            raise _Never()
+        return f"{_literal('{')}{self.ws}{suffix[0]}{self.ws}{_literal('}')}"
+
+    def uncounted_members(self, members: list[tuple[str, bool]]) -> str:
         comma = self.sep(",")
         after_some = ""  # B_i: members i.. when something was emitted before
         after_none = ""  # A_i: members i.. when nothing was emitted yet
@@ -627,8 +872,8 @@ class _Converter:
         comma = self.sep(",")
         open_, close = f"{_literal('[')}{self.ws}", f"{self.ws}{_literal(']')}"
         cap = self.options.max_counted_repeat
-        if min_items > cap + len(prefix):
-            raise UnsupportedSchema(f"unsupported keyword 'minItems' above {cap}")
+        if min_items > self.options.max_counted_min + len(prefix):
+            raise UnsupportedSchema(f"unsupported keyword 'minItems' above {self.options.max_counted_min}")
         prefix_rx = [self.value(p, depth - 1) if p is True else self.value(p, depth) for p in prefix]
         try:
             item_rx = self.value(items, depth - 1 if items is True else depth) if items is not False else None
@@ -753,6 +998,53 @@ def _distinct_literals(subs: list) -> bool:
     return len(values) == len(set(values))
 
 
+def _multiple_of(schema: dict) -> int | None:
+    """multipleOf as an integer (None when absent). A fractional step is refused: jsonschema checks it in
+    binary floating point (0.3 is not a multiple of 0.1 there), so no decimal output is safe."""
+    step = schema.get("multipleOf")
+    if step is None:
+        return None
+    if isinstance(step, bool) or not isinstance(step, (int, float)) or step <= 0:
+        raise ValueError("multipleOf must be a positive number")
+    if isinstance(step, float) and not step.is_integer():
+        raise UnsupportedSchema(f"unsupported keyword 'multipleOf' with the fractional step {step}")
+    return int(step)
+
+
+def _positive_multiples_regex(step: int, max_listed: int) -> str | None:
+    """Regex of the positive multiples of `step` = 2^a 5^b (None otherwise, or when the multiples below
+    10^max(a, b) are more than `max_listed`): those short ones listed, the longer ones by their last digits."""
+    rest, twos, fives = step, 0, 0
+    while rest % 2 == 0:
+        rest, twos = rest // 2, twos + 1
+    while rest % 5 == 0:
+        rest, fives = rest // 5, fives + 1
+    if rest != 1:
+        return None
+    width = max(twos, fives)
+    bound = 10 ** width
+    if bound // step > max_listed:
+        return None
+    endings = [str(v).zfill(width) for v in range(0, bound, step)]
+    short = [str(v) for v in range(step, bound, step)]
+    longer = "[1-9][0-9]*" + _alt(endings)
+    return _alt(short + [longer])
+
+
+_DEPENDENCY_KEYWORDS = ("dependentRequired", "dependentSchemas", "dependencies")
+
+
+def _has_branches(schema: dict) -> bool:
+    return any(k in schema for k in ("anyOf", "oneOf", "allOf", "$ref", "if"))
+
+
+def _literal_key(value) -> str:
+    """JSON-Schema equality of literals: 1 == 1.0, but true != 1 (Python's == says otherwise)."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return "n:" + str(Decimal(str(value)).normalize())
+    return "v:" + json.dumps(value, sort_keys=True)
+
+
 def _literal_values(sub) -> list | None:
     if isinstance(sub, dict) and "const" in sub:
         return [sub["const"]]
@@ -781,6 +1073,32 @@ def _has_discriminator(subs: list, conv: _Converter) -> bool:
         if len(encoded) == len(set(encoded)):
             return True
     return False
+
+
+def _exclusive_objects(subs: list, siblings: dict, conv: _Converter) -> bool:
+    """oneOf over object branches whose outputs each fail every other branch: an output of branch A has
+    only A's declared names (the converter emits no others when a branch declares some) and all of A's
+    required ones, so it fails B when A requires a name B's closed object (additionalProperties false, no
+    patternProperties) does not declare, or when B requires a name A does not declare."""
+    shapes = []
+    for sub in subs:
+        try:
+            shape = conv.merge_all_of({"allOf": [siblings, sub]})
+        except (ValueError, _Never):
+            return False
+        names = set(shape.get("properties") or {}) | set(shape.get("required") or [])
+        if shape.get("type", "object") not in ("object", ["object"]) or not names or _has_branches(shape):
+            return False
+        shapes.append((shape, names))
+
+    def fails(a: tuple, b: tuple) -> bool:
+        (_, a_names), (b_shape, b_names) = a, b
+        a_required = set(a[0].get("required") or [])
+        b_closed = b_shape.get("additionalProperties") is False and not b_shape.get("patternProperties")
+        return bool(b_closed and a_required - set(b_shape.get("properties") or {})) or \
+            bool(set(b_shape.get("required") or []) - a_names)
+
+    return all(fails(a, b) for i, a in enumerate(shapes) for j, b in enumerate(shapes) if i != j)
 
 
 def _length_range(node) -> tuple[int, int | None]:
