@@ -6,7 +6,8 @@ on the same regexes in the same run. Prints p50/p99/max (ms) and a JSON line las
 outlines-core runs on every --outlines-stride'th compiled schema; "same_schemas" compares on exactly those.
 Ours: JSON schema -> regex -> DFA -> token tables (compile_constraint, uncached). outlines-core: `Index`
 built from the regex our converter produced (its own JSON-schema converter covers different features).
-Also reported: `engine_grammar_prep`, what the engine adds once per distinct constraint (`make_grammar`: the
+Schemas the device path refuses go through the engine's fallback (`ConstraintService`: the device attempt,
+then llguidance's host matcher): `host_path`, timed whole. Also reported: `engine_grammar_prep`, what the engine adds once per distinct constraint (`make_grammar`: the
 closing rows and the token classes of the device transition tables), and ours with it."""
 from __future__ import annotations
 
@@ -23,7 +24,9 @@ from jaxserve.constrained.grammar import make_grammar
 from jaxserve.constrained.json_schema import json_schema_to_regex
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from jsonschemabench_coverage import DEFAULT_DATA, load_vocab  # noqa: E402
+from jsonschemabench_coverage import DEFAULT_DATA, load_tokenizer, load_vocab, make_service  # noqa: E402
+
+from jaxserve.sampling.params import Constraint  # noqa: E402
 
 
 def percentiles(ms: list[float]) -> dict:
@@ -42,6 +45,7 @@ def main() -> None:
     ap.add_argument("--outlines-stride", type=int, default=10,
                     help="outlines-core on every Nth compiled schema (it takes seconds to minutes on large ones)")
     ap.add_argument("--no-outlines", action="store_true")
+    ap.add_argument("--no-host", action="store_true", help="skip the host-matcher path for schemas the device path refuses")
     args = ap.parse_args()
     vocab = load_vocab(args.tokenizer)
     outlines_vocab = None
@@ -58,7 +62,12 @@ def main() -> None:
     # CPU time too: on a shared machine wall time includes waiting for a core.
     ours_cpu, theirs_cpu = [], []
     engine_prep, ours_total = [], []
-    failures = {"ours": 0, "outlines": 0}
+    failures = {"ours": 0, "outlines": 0, "host": 0}
+    host_path, host_build = [], []
+    service = None
+    if not args.no_host:
+        tok = load_tokenizer(args.tokenizer)
+        service = make_service(tok, vocab)
     files = [f for sub in sorted(p for p in pathlib.Path(args.data).iterdir() if p.is_dir())
              for f in sorted(sub.glob("*.json"))[:: args.stride]]
     for f in files:
@@ -71,6 +80,15 @@ def main() -> None:
             ours_cpu.append((time.process_time() - c0) * 1000)
         except ValueError:
             failures["ours"] += 1
+            if service is not None:  # the engine's fallback: the device attempt, then the host matcher
+                t0 = time.perf_counter()
+                try:
+                    grammar = service.compile(Constraint("json_schema", text))
+                except ValueError:
+                    failures["host"] += 1
+                    continue
+                host_path.append((time.perf_counter() - t0) * 1000)
+                host_build.append(grammar.compile_seconds * 1000)
             continue
         ours.append(ours_ms)
         # What the engine adds once per distinct constraint: closing rows and the device transition tables.
@@ -96,6 +114,9 @@ def main() -> None:
         "bench": "bench_constrained", "schemas": len(files), "vocab_size": vocab.vocab_size,
         "ours": percentiles(ours), "outlines_core": percentiles(theirs),
         "engine_grammar_prep": percentiles(engine_prep), "ours_with_engine_prep": percentiles(ours_total),
+        # Schemas the device path refuses: request to HostGrammar (the device attempt included), and
+        # llguidance's grammar build alone.
+        "host_path": percentiles(host_path), "host_matcher_build": percentiles(host_build),
         "cpu_time": {"ours": percentiles(ours_cpu), "outlines_core": percentiles(theirs_cpu)},
         "same_schemas": {"ours": percentiles(both_ours), "outlines_core": percentiles(both_theirs)},
         "failures": failures,

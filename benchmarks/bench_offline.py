@@ -92,13 +92,18 @@ def main() -> None:
         results.append(r)
     constrained = []
     pairs = []
+    host_matcher = None
     if args.json_schema:
+        from jaxserve.constrained.host_matcher import HostGrammar
         from jaxserve.sampling.params import Constraint
 
         # Each pair runs the same prompts unconstrained and with the schema back to back, so both see the same
         # machine state; the order alternates between pairs so a drift of the machine's speed cancels out.
         c = args.constrained_concurrency
         runs = (("unconstrained", None), ("json_schema", Constraint("json_schema", args.json_schema)))
+        # Which path the schema takes: the device tables, or a host matcher per request (synchronous steps).
+        path = "host" if isinstance(engine.compile_constraint(runs[1][1]), HostGrammar) else "device"
+        print(f"json_schema runs on the {path} path", flush=True)
         for pair in range(args.pairs):
             by_label = {}
             for label, constraint in (runs if pair % 2 == 0 else runs[::-1]):
@@ -112,6 +117,9 @@ def main() -> None:
             pairs.append({key: round(by_label["json_schema"][key] / by_label["unconstrained"][key] - 1.0, 4)
                           for key in ("output_tok_s", "full_batch_tok_s", "cpu_ms_per_token")
                           if by_label["json_schema"][key] and by_label["unconstrained"][key]})
+        stats = engine.stats()
+        host_matcher = {"path": path, "requests": stats.num_constrained_host_matcher_total,
+                        "host_seconds": round(stats.host_matcher_seconds_total, 3)}
         for key in ("output_tok_s", "full_batch_tok_s", "cpu_ms_per_token"):
             diffs = sorted(p[key] for p in pairs if key in p)
             if diffs:
@@ -126,7 +134,7 @@ def main() -> None:
         "device": jax.devices()[0].device_kind, "cpus": __import__("os").cpu_count(), "machine": platform.machine(),
         "prompt_len": args.prompt_len, "output_len": args.output_len, "load_s": round(load_s, 2),
         "warmup_s": round(warm_s, 2), "levels": results, "constrained_levels": constrained,
-        "constrained_vs_unconstrained": pairs,
+        "constrained_vs_unconstrained": pairs, "constraint_path": host_matcher,
         "scaling_vs_1": {c: round(v / by_c[args.concurrency[0]], 2) for c, v in by_c.items()} if by_c else {},
         "decode_overhead": overhead,
     }

@@ -104,6 +104,7 @@ def main() -> None:
     for subset in sorted(p for p in pathlib.Path(args.data).iterdir() if p.is_dir()):
         files = sorted(subset.glob("*.json"))[: args.limit or None]
         count = collections.Counter()
+        host_ms_per_token: list[float] = []
         reasons: collections.Counter = collections.Counter()
         invalid_files = []
         t0 = time.perf_counter()
@@ -126,7 +127,10 @@ def main() -> None:
                 if isinstance(grammar, Grammar):
                     tokens, finished = sample_walk(grammar.table, rng, max_tokens=WALK_TOKENS)
                 else:
+                    t_walk = time.perf_counter()
                     tokens, finished = sample_host_walk(grammar, vocab.eos_token_ids, rng, max_tokens=WALK_TOKENS)
+                    # Per token: the matcher's mask + advance and this walk's unpacking and choice.
+                    host_ms_per_token.append((time.perf_counter() - t_walk) * 1000 / (len(tokens) + 1))
             except HostMatcherError as e:  # a limit of the matcher hit mid-walk: that request would fail
                 count["failed_host"] += 1
                 invalid_files.append((f.name, path, "HostMatcherError", str(e)[:200]))
@@ -151,6 +155,9 @@ def main() -> None:
             "invalid_device": count["invalid_device"], "invalid_host": count["invalid_host"],
             "unfinished_device": count["unfinished_device"], "unfinished_host": count["unfinished_host"],
             "failed_host": count["failed_host"],
+            "host_walk_ms_per_token": {"p50": round(float(np.percentile(host_ms_per_token, 50)), 3),
+                                       "p99": round(float(np.percentile(host_ms_per_token, 99)), 3)}
+            if host_ms_per_token else None,
             "seconds": round(time.perf_counter() - t0, 1), "reasons": dict(reasons.most_common(12)),
         }
         print(subset.name, json.dumps(summary[subset.name]), file=sys.stderr)

@@ -276,41 +276,62 @@ class LLMEngine:
         return params.max_tokens if params.max_tokens is not None else room
 
     def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams, grammar=None) -> None:
+        """`grammar`: a compiled constraint (`compile_constraint`): device tables (Grammar) or a host matcher
+        (HostGrammar); None when unconstrained."""
         if request_id in self._requests:
             raise ValueError(f"duplicate request id {request_id!r}")
         max_tokens = self.validate(prompt_ids, params)
         self._inject("add", request_id)
         if isinstance(grammar, HostGrammar):
-            self._add_sequences(request_id, prompt_ids, params, max_tokens,
-                                self._host_matched(grammar, params.n, max_tokens))
+            attach = self._attach_host_matchers(grammar, params.n, max_tokens)
             self.num_constrained_host_matcher_total += 1
-            return
-        residency = None
-        if grammar is not None:
-            self.check_budget(grammar, max_tokens)
-            from jaxserve.constrained.tables import GrammarPoolFullError
+        elif grammar is not None:
+            attach = self._attach_grammar(request_id, grammar, params.n, max_tokens)
+        else:
+            attach = None
+        seqs: list[Sequence] = []
+        for i in range(params.n):
+            seed = params.seed + i if params.seed is not None else self._rng.getrandbits(63)
+            seq = Sequence(
+                seq_id=next(self._seq_ids), request_id=request_id, index=i, prompt_ids=list(prompt_ids),
+                params=params, seed=seed, max_tokens=max_tokens, leader=seqs[0] if seqs else None,
+            )
+            seq.detokenizer = self.tokenizer.detokenizer(skip_special_tokens=params.skip_special_tokens)
+            if params.prompt_logprobs is not None and i == 0:  # the leader computes the shared prompt
+                seq.prompt_logprobs = [None] * len(prompt_ids)
+            if attach is not None:
+                attach(i, seq)
+            seqs.append(seq)
+        self._requests[request_id] = seqs
+        for s in seqs:
+            self.scheduler.add(s)
+        self.num_prompt_tokens_total += len(prompt_ids)
 
-            try:
-                residency = self.grammar_pool.add(grammar)
-            except GrammarPoolFullError as e:
-                raise EngineBusy(f"{e}; too many large constraints are in flight, retry later") from e
-            for _ in range(params.n - 1):
-                self.grammar_pool.add(grammar)  # one reference per choice, released at finish
-            if not residency.device_advance:
-                self.num_constrained_host_advance_total += 1
-                log.info("request %s: its constraint advances on the host (device grammar tables full); "
-                         "steps are synchronous while it runs", request_id)
-        def constrain(seq: Sequence) -> None:
-            if residency is not None:
-                seq.grammar = grammar
-                seq.grammar_offset = residency.offset
-                seq.grammar_on_device = residency.device_advance
-                seq.grammar_state = grammar.start_state
+    def _attach_grammar(self, request_id: str, grammar: Grammar, n: int,
+                        max_tokens: int) -> Callable[[int, Sequence], None]:
+        """Make the grammar resident (one pool reference per choice, released at finish)."""
+        self.check_budget(grammar, max_tokens)
+        from jaxserve.constrained.tables import GrammarPoolFullError
 
-        self._add_sequences(request_id, prompt_ids, params, max_tokens, [constrain] * params.n)
+        try:
+            residency = self.grammar_pool.add(grammar)
+        except GrammarPoolFullError as e:
+            raise EngineBusy(f"{e}; too many large constraints are in flight, retry later") from e
+        for _ in range(n - 1):
+            self.grammar_pool.add(grammar)
+        if not residency.device_advance:
+            self.num_constrained_host_advance_total += 1
+            log.info("request %s: its constraint advances on the host (device grammar tables full); "
+                     "steps are synchronous while it runs", request_id)
 
-    def _host_matched(self, grammar: HostGrammar, n: int, max_tokens: int) -> list[Callable[[Sequence], None]]:
-        """Per choice: its own matcher and pool rows with the start mask written (all choices or none)."""
+        def attach(_: int, seq: Sequence) -> None:
+            seq.grammar, seq.grammar_offset = grammar, residency.offset
+            seq.grammar_on_device, seq.grammar_state = residency.device_advance, grammar.start_state
+
+        return attach
+
+    def _attach_host_matchers(self, grammar: HostGrammar, n: int, max_tokens: int) -> Callable[[int, Sequence], None]:
+        """Per choice its own matcher and pool rows, the start mask written (all choices or none)."""
         from jaxserve.constrained.tables import GrammarPoolFullError
 
         offsets: list[int] = []
@@ -327,31 +348,10 @@ class LLMEngine:
                 raise EngineBusy(f"{e}; too many constrained requests are in flight, retry later") from e
             raise
 
-        def constrain(offset: int, matcher: HostMatcher) -> Callable[[Sequence], None]:
-            def apply(seq: Sequence) -> None:
-                seq.host_matcher, seq.grammar_offset, seq.grammar_state = matcher, offset, 0
-            return apply
+        def attach(i: int, seq: Sequence) -> None:
+            seq.host_matcher, seq.grammar_offset, seq.grammar_state = matchers[i], offsets[i], 0
 
-        return [constrain(o, m) for o, m in zip(offsets, matchers)]
-
-    def _add_sequences(self, request_id: str, prompt_ids: list[int], params: SamplingParams, max_tokens: int,
-                       constrain: list[Callable[[Sequence], None]]) -> None:
-        seqs: list[Sequence] = []
-        for i in range(params.n):
-            seed = params.seed + i if params.seed is not None else self._rng.getrandbits(63)
-            seq = Sequence(
-                seq_id=next(self._seq_ids), request_id=request_id, index=i, prompt_ids=list(prompt_ids),
-                params=params, seed=seed, max_tokens=max_tokens, leader=seqs[0] if seqs else None,
-            )
-            seq.detokenizer = self.tokenizer.detokenizer(skip_special_tokens=params.skip_special_tokens)
-            if params.prompt_logprobs is not None and i == 0:  # the leader computes the shared prompt
-                seq.prompt_logprobs = [None] * len(prompt_ids)
-            constrain[i](seq)
-            seqs.append(seq)
-        self._requests[request_id] = seqs
-        for s in seqs:
-            self.scheduler.add(s)
-        self.num_prompt_tokens_total += len(prompt_ids)
+        return attach
 
     def abort(self, request_id: str) -> RequestOutput | None:
         seqs = self._requests.pop(request_id, None)
