@@ -153,3 +153,39 @@ def test_keywords_llguidance_keeps_inexactly_are_refused_on_the_host_too(engine)
         with pytest.raises(ValueError, match=keyword) as info:
             engine.compile_constraint(Constraint("json_schema", json.dumps(schema)))
         assert "host matcher" in str(info.value)
+
+
+def test_closing_tiers_prefer_what_ends_soonest():
+    import numpy as np
+
+    from jaxserve.constrained.host_matcher import ClosingRows
+
+    tokens = [b'"', b"}", b"]", b",", b"a", b"ab", None]  # id 6: the end token
+    closing = ClosingRows.from_vocab(tokens, (6,), 1)
+
+    def row(ids):
+        bits = np.zeros(32, dtype=bool)
+        bits[list(ids)] = True
+        return np.packbits(bits, bitorder="little").view(np.uint32)
+
+    def ids(r):
+        return set(np.flatnonzero(np.unpackbits(r.view(np.uint8), bitorder="little")))
+
+    assert ids(closing.narrow(row([0, 1, 4, 5]))) == {0}  # inside a string: the quote, never `}`
+    assert ids(closing.narrow(row([1, 2, 3, 4, 6]))) == {6}
+    assert ids(closing.narrow(row([1, 3, 4]))) == {1}
+    assert ids(closing.narrow(row([4, 5]))) == {4}
+    assert ids(closing.narrow(row([5]))) == {5}  # nothing of any tier: unchanged
+
+
+def test_free_strings_on_the_host_path_still_end_within_max_tokens(engine):
+    # A random model favours some tokens heavily; the closing tiers must still get it out of a free string.
+    schema = {"type": "object", "properties": {"note": {"type": "string"}, "tags": {"type": "array",
+              "items": {"type": "string"}}, "n": {"type": "integer", "multipleOf": 3}}, "required": ["note", "tags", "n"]}
+    constraint = Constraint("json_schema", json.dumps(schema))
+    assert isinstance(engine.compile_constraint(constraint), HostGrammar)
+    results = run(engine, {"free": ([5, 6], SamplingParams(n=6, temperature=1.0, max_tokens=100, seed=4,
+                                                         constraint=constraint))})
+    for text, reason in results["free"]:
+        assert reason == "stop", text
+        jsonschema.validate(json.loads(text), schema)

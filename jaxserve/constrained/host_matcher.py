@@ -55,38 +55,45 @@ def _limits() -> Any:
 @dataclass(frozen=True, eq=False)
 class ClosingRows:
     """Token sets that steer a host-matched output to an end when its token budget runs low (the device path
-    has exact closing rows from its DFA's distances; llguidance has no distance to acceptance): `closers` the
-    end tokens and the one-byte tokens that end a JSON string, number, object or array; `single_byte` every one-byte
-    token (the slowest way through a lexeme that must go on). Packed uint32 rows of the pool's width."""
+    has exact closing rows from its DFA's distances; llguidance has no distance to acceptance). Tiers, first
+    match wins: the end tokens; a one-byte `"` (closes a string, or opens one that the next `"` closes); `}`
+    or `]`; `,`; any one-byte token (the slowest way through a lexeme that must go on). Only the first tier
+    the mask allows is kept, so a model that favours `}` inside a string cannot stay there. Packed uint32 rows
+    of the pool's width."""
 
-    closers: np.ndarray
-    single_byte: np.ndarray
+    tiers: tuple[np.ndarray, ...]
 
     @staticmethod
     def from_vocab(tokens: "list[bytes | None] | tuple[bytes | None, ...]", end_token_ids: tuple[int, ...],
                    words_per_row: int) -> "ClosingRows":
-        closers = np.zeros(words_per_row * 32, dtype=bool)
-        single = np.zeros(words_per_row * 32, dtype=bool)
+        groups = (None, (b'"',), (b"}", b"]"), (b",",), "single")
+        bits = np.zeros((len(groups), words_per_row * 32), dtype=bool)
+        bits[0, list(end_token_ids)] = True
         for i, b in enumerate(tokens):
-            if b is not None and len(b) == 1:
-                single[i] = True
-                closers[i] = b in (b'"', b"}", b"]", b",")
-        closers[list(end_token_ids)] = True
-        pack = lambda bits: np.packbits(bits, bitorder="little").view(np.uint32)  # noqa: E731
-        return ClosingRows(pack(closers), pack(single))
+            if b is None or len(b) != 1:
+                continue
+            bits[4, i] = True
+            for tier in (1, 2, 3):
+                bits[tier, i] |= b in groups[tier]
+        return ClosingRows(tuple(np.packbits(row, bitorder="little").view(np.uint32) for row in bits))
 
     def narrow(self, row: np.ndarray) -> np.ndarray:
-        """`row` cut to the closers it allows, else to its one-byte tokens, else unchanged (never empty)."""
-        for subset in (self.closers, self.single_byte):
-            narrowed = row & subset
+        """`row` cut to the first tier it allows (unchanged when it allows none: never empty)."""
+        for tier in self.tiers:
+            narrowed = row & tier
             if narrowed.any():
                 return narrowed
         return row
 
+    @property
+    def words_per_row(self) -> int:
+        return int(self.tiers[0].size)
+
 
 def closing_margin(max_tokens: int) -> int:
-    """Tokens left at which a host-matched sequence starts closing: a quarter of its budget, at least 32."""
-    return max(32, max_tokens // 4)
+    """Tokens left at which a host-matched sequence starts closing: a third of its budget, at least 64 (a
+    nested object's required members can take that many forced tokens after the closing starts)."""
+    return max(64, max_tokens // 3)
 
 
 @dataclass(frozen=True, eq=False)
@@ -213,7 +220,7 @@ def compile_host_grammar(kind: str, spec: Any, tokenizer: Any, key: tuple, closi
         raise ValueError(f"host matcher: {matcher.get_error()}")
     meter.check_time("the host matcher's grammar build")
     elapsed = time.perf_counter() - t0
-    return HostGrammar(key=key, grammar=grammar, template=matcher, words_per_row=closing.closers.size,
+    return HostGrammar(key=key, grammar=grammar, template=matcher, words_per_row=closing.words_per_row,
                        compile_seconds=elapsed, closing=closing)
 
 
