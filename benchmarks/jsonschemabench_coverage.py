@@ -52,11 +52,13 @@ def load_vocab(tokenizer_dir: str | None) -> VocabInfo:
     return VocabInfo.from_tokenizer(tok, eos_token_ids=end_ids(tok))
 
 
-def make_service(tok, vocab: VocabInfo, host: bool = True) -> ConstraintService:
-    """The engine's compile path, uncached in effect (every schema is a new key)."""
+def make_service(tok, vocab: VocabInfo, host: bool = True, device_wait_s: float | None = None) -> ConstraintService:
+    """The engine's compile path, uncached in effect (every schema is a new key). device_wait_s None: each
+    schema takes the device path whenever that compiles it (coverage per path does not depend on timing)."""
     ends = tuple(vocab.eos_token_ids)
     return ConstraintService(lambda: vocab.tokens, ends, vocab.vocab_width, max_workers=1, cache_bytes=0,
-                             host_tokenizer_fn=(lambda: host_tokenizer(tok, vocab.vocab_width, ends)) if host else None)
+                             host_tokenizer_fn=(lambda: host_tokenizer(tok, vocab.vocab_width, ends)) if host else None,
+                             device_wait_s=device_wait_s)
 
 
 def reason_of(err: Exception) -> str:

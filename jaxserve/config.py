@@ -181,6 +181,10 @@ class EngineConfig:
     # Constraints the device tables cannot hold (keywords a DFA cannot express, automata past the compile
     # budget) get a per-request host matcher (llguidance; constrained/host_matcher.py) instead of a 400.
     constraint_host_matcher: bool = True
+    # With the host matcher on: how long a request waits for its constraint's device compile before the host
+    # matcher takes it (the device compile goes on for the constraint's later requests). None (default): until
+    # the device path answers, so the path a constraint takes never depends on the machine's load.
+    constraint_device_wait_s: float | None = None
 
     def __post_init__(self) -> None:
         if self.page_size not in (8, 16, 32, 64, 128):
@@ -203,6 +207,8 @@ class EngineConfig:
             raise ValueError("kv_memory_fraction must be in (0, 0.95]")
         if self.max_queued_requests < 1:
             raise ValueError("max_queued_requests must be >= 1")
+        if self.constraint_device_wait_s is not None and self.constraint_device_wait_s < 0:
+            raise ValueError("constraint_device_wait_s must be >= 0 (or None: wait for the device compile)")
         if self.constraint_workers < 1 or self.max_pending_constraints < 1:
             raise ValueError("constraint_workers and max_pending_constraints must be >= 1")
         if self.compile_workers is not None and self.compile_workers < 1:

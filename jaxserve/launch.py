@@ -108,6 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--disable-constraint-host-matcher", dest="constraint_host_matcher", action="store_false",
                    default=S, help="answer 400 for constraints the device grammar tables cannot hold instead of "
                    "running them on the host matcher (llguidance)")
+    p.add_argument("--constraint-device-wait-s", type=float, default=S,
+                   help="seconds a request waits for its constraint's device tables before the host matcher takes "
+                   "it (the device compile goes on for later requests); default: until the device path answers")
     p.add_argument("--stuck-step-timeout-s", type=float, default=S,
                    help="the engine is declared dead (health 503) when one step runs longer than this")
     return p

@@ -189,3 +189,43 @@ def test_free_strings_on_the_host_path_still_end_within_max_tokens(engine):
     for text, reason in results["free"]:
         assert reason == "stop", text
         jsonschema.validate(json.loads(text), schema)
+
+
+def test_a_slow_device_compile_serves_the_host_matcher_first_then_the_device_tables(monkeypatch, engine):
+    import threading
+    import time
+
+    from jaxserve.constrained import service as service_module
+    from jaxserve.constrained.grammar import Grammar
+
+    release = threading.Event()
+    real = service_module.compile_constraint
+
+    def slow(*args, **kwargs):
+        release.wait(10)  # the device compile outlives the request's wait
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(service_module, "compile_constraint", slow)
+    svc = engine.constraints
+    monkeypatch.setattr(svc, "device_wait_s", 0.05)  # --constraint-device-wait-s 0.05
+    constraint = Constraint("regex", "[a-c]{2,5}x")
+    t0 = time.perf_counter()
+    first = svc.compile(constraint)
+    assert isinstance(first, HostGrammar) and time.perf_counter() - t0 < 2.0
+    assert isinstance(svc.compile(constraint), HostGrammar)  # cached until the device compile is done
+    release.set()
+    deadline = time.time() + 10
+    while not isinstance(grammar := svc.compile(constraint), Grammar) and time.time() < deadline:
+        time.sleep(0.05)
+    assert isinstance(grammar, Grammar)
+    stats = svc.stats()
+    assert stats.host_while_device_compiles >= 1 and stats.upgraded >= 1
+    results = run(engine, {"a": ([1, 2], SamplingParams(temperature=1.0, max_tokens=12, seed=1, constraint=constraint))})
+    assert results["a"][0][1] == "stop" and re.fullmatch("[a-c]{2,5}x", results["a"][0][0])
+
+
+def test_a_grammar_whose_first_host_mask_explodes_is_refused(engine):
+    # Past the device budget (NFA states), and llguidance's lexer needs ~0.5 s for its first mask, then fails:
+    # every step of the batch would wait for it, so it is a 400 at compile time.
+    with pytest.raises(ValueError, match="too complex"):
+        engine.compile_constraint(Constraint("regex", "(x{1000}){1000}"))

@@ -20,7 +20,12 @@ from typing import Any
 
 import numpy as np
 
-from jaxserve.constrained.budget import BudgetMeter
+from jaxserve.constrained.budget import BudgetMeter, ConstraintTooComplex
+
+
+# A host-matched request's steps are synchronous for the whole batch: one mask slower than this stalls every
+# request, so a grammar whose first mask is slower is refused and a request whose later mask is slower fails.
+MAX_STEP_SECONDS = 0.1
 
 
 class HostMatcherError(RuntimeError):
@@ -144,6 +149,11 @@ class HostMatcher:
         t0 = time.perf_counter()
         raw = self._matcher.compute_bitmask()
         self._check("computing its next-token mask")
+        took = time.perf_counter() - t0
+        if took > MAX_STEP_SECONDS:
+            self.seconds += took
+            raise HostMatcherError(f"the host matcher's mask took {took * 1e3:.0f} ms, over its "
+                                   f"{MAX_STEP_SECONDS * 1e3:.0f} ms limit (the batch waits for it)")
         row = np.frombuffer(raw, dtype=np.uint32)
         # llguidance rounds its rows up by a word when the vocabulary is a multiple of 32; ids past the
         # model's logits do not exist, so a bit there would be a mismatch of vocabularies.
@@ -218,6 +228,16 @@ def compile_host_grammar(kind: str, spec: Any, tokenizer: Any, key: tuple, closi
     matcher = llguidance.LLMatcher(tokenizer, grammar, log_level=0, limits=_limits())
     if matcher.is_error():
         raise ValueError(f"host matcher: {matcher.get_error()}")
+    # The first mask, on a copy: a grammar whose lexer explodes shows it here, before any request runs it.
+    probe = matcher.deep_copy()
+    t_step = time.perf_counter()
+    probe.compute_bitmask()
+    step_s = time.perf_counter() - t_step
+    if probe.is_error():
+        raise ValueError(f"host matcher: {probe.get_error()}")
+    if step_s > MAX_STEP_SECONDS:
+        raise ConstraintTooComplex("host matcher step", f"its first mask took {step_s * 1e3:.0f} ms > "
+                                   f"{MAX_STEP_SECONDS * 1e3:.0f} ms")
     meter.check_time("the host matcher's grammar build")
     elapsed = time.perf_counter() - t0
     return HostGrammar(key=key, grammar=grammar, template=matcher, words_per_row=closing.words_per_row,

@@ -19,6 +19,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from typing import Any
 from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 
 from jaxserve.constrained.budget import BudgetMeter, ConstraintTooComplex
@@ -43,7 +44,9 @@ class ConstraintServiceStats:
     hits: int  # answered from the cache
     misses: int  # compiles started (a request joining another's compile of the same key counts as neither)
     too_complex: int  # compiles that ended in ConstraintTooComplex
-    host_matched: int  # compiles the device path refused that the host matcher took
+    host_matched: int  # compiles the host matcher took (the device path refused, or was still compiling)
+    host_while_device_compiles: int  # of those: the device compile outlived device_wait_s and went on
+    upgraded: int  # cached host grammars replaced by their finished device compile
     invalid: int  # compiles that ended in another ValueError (bad or unsupported constraint)
     busy: int  # requests refused with ConstraintServiceBusy
     in_flight: int  # distinct compiles queued or running now
@@ -66,12 +69,15 @@ class ConstraintService:
     the first miss. `end_token_ids`, `vocab_width`: as for VocabInfo. `options.budget` limits each compile.
     `max_workers`: threads of the service's pool (compile_async). `max_pending`: distinct compiles queued or
     running beyond which a new miss raises ConstraintServiceBusy. `cache_bytes`: bound of the grammar cache
-    (sum of `Grammar.nbytes`; a grammar bigger than this is returned but not cached)."""
+    (sum of `Grammar.nbytes`; a grammar bigger than this is returned but not cached). `host_tokenizer_fn`:
+    builds the host matcher's tokenizer (None: no host path). `device_wait_s`: with a host path, how long a
+    request waits for the device compile before the host matcher takes it (None: until the device path
+    answers; see `_compile`)."""
 
     def __init__(self, token_bytes_fn: Callable[[], Sequence[bytes | None]], end_token_ids: tuple[int, ...],
                  vocab_width: int, options: CompilerOptions = CompilerOptions(), max_workers: int = 2,
                  max_pending: int = 64, cache_bytes: int = 1 << 30,
-                 host_tokenizer_fn: Callable[[], Any] | None = None):
+                 host_tokenizer_fn: Callable[[], Any] | None = None, device_wait_s: float | None = None):
         if max_workers < 1 or max_pending < 1 or cache_bytes < 0:
             raise ValueError("max_workers and max_pending must be >= 1, cache_bytes >= 0")
         self.options = options
@@ -91,7 +97,11 @@ class ConstraintService:
         self._cache_nbytes = 0
         self._in_flight: dict[tuple, Future] = {}
         self._hits = self._misses = self._too_complex = self._invalid = self._busy = self._host = 0
+        self._early_host = self._upgraded = self._background = 0
+        self.device_wait_s = device_wait_s
         self._executor = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="constraint-compile")
+        # Device compiles when a host path can take a request that waited `device_wait_s` for one.
+        self._device_executor = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="constraint-device")
 
     # ------------------------------------------------------------ public API
 
@@ -127,6 +137,7 @@ class ConstraintService:
     def stats(self) -> ConstraintServiceStats:
         with self._lock:
             return ConstraintServiceStats(hits=self._hits, misses=self._misses, too_complex=self._too_complex, host_matched=self._host,
+                                          host_while_device_compiles=self._early_host, upgraded=self._upgraded,
                                           invalid=self._invalid, busy=self._busy, in_flight=len(self._in_flight),
                                           cached=len(self._cache), cache_bytes=self._cache_nbytes)
 
@@ -144,6 +155,7 @@ class ConstraintService:
     def close(self) -> None:
         """Stop the pool; queued compiles are cancelled (their waiters get CancelledError)."""
         self._executor.shutdown(wait=False, cancel_futures=True)
+        self._device_executor.shutdown(wait=False, cancel_futures=True)
 
     # ------------------------------------------------------------ internals
 
@@ -190,35 +202,82 @@ class ConstraintService:
                                                             -(-self._vocab_width // 32))
             return self._closing_rows
 
-    def _compile(self, constraint: Constraint) -> Grammar | HostGrammar:
+    def _compile_device(self, constraint: Constraint, vocab: VocabInfo) -> Grammar:
+        meter = BudgetMeter(self.options.effective_budget())
+        table = compile_constraint(constraint.kind, constraint.spec, vocab, self.options, meter)
+        return make_grammar(table, meter)
+
+    def _compile_host(self, constraint: Constraint, vocab: VocabInfo) -> HostGrammar:
+        grammar = compile_host_grammar(
+            constraint.kind, constraint.spec, self.host_tokenizer(), cache_key(constraint.kind, constraint.spec, vocab),
+            self._host_closing(vocab), BudgetMeter(self.options.effective_budget()))
+        with self._lock:
+            self._host += 1
+        return grammar
+
+    def _compile(self, key: tuple, constraint: Constraint) -> Grammar | HostGrammar:
         """The device path; where it refuses a valid constraint it cannot express (or one past its budget),
         the host matcher under a budget of its own. When both refuse, the device path's error stands (with
-        the host matcher's reason)."""
+        the host matcher's reason).
+
+        With a host path, the request waits at most `device_wait_s` for the device compile: past that the
+        host matcher takes this request while the device compile goes on in the background and, when it
+        succeeds, replaces the cached host grammar, so later requests with this constraint get the device
+        path. At most `max_pending` such background compiles at once (past that, requests wait for theirs)."""
         vocab = self.vocab()  # outside the budget: a one-time cost of the server, not of the constraint
-        try:
-            meter = BudgetMeter(self.options.effective_budget())
-            table = compile_constraint(constraint.kind, constraint.spec, vocab, self.options, meter)
-            return make_grammar(table, meter)
-        except ValueError as device_error:
-            eligible = isinstance(device_error, ConstraintTooComplex) or (
-                constraint.kind == "json_schema" and isinstance(device_error, UnsupportedSchema))
-            tokenizer = self.host_tokenizer() if eligible else None
-            if tokenizer is None:
-                raise
+        hosted = self._host_tokenizer_fn is not None and constraint.kind in ("json_schema", "regex")
+        with self._lock:
+            early = hosted and self.device_wait_s is not None and self._background < self.max_pending
+            if early:
+                self._background += 1
+        if not early:
             try:
-                grammar = compile_host_grammar(
-                    constraint.kind, constraint.spec, tokenizer, cache_key(constraint.kind, constraint.spec, vocab),
-                    self._host_closing(vocab), BudgetMeter(self.options.effective_budget()))
-            except ValueError as host_error:
-                device_error.args = (f"{device_error}; the host matcher refused it too: {str(host_error)[:300]}",)
-                raise device_error from host_error
-            with self._lock:
-                self._host += 1
-            return grammar
+                return self._compile_device(constraint, vocab)
+            except ValueError as device_error:
+                return self._fallback(constraint, vocab, device_error)
+        device = self._device_executor.submit(self._compile_device, constraint, vocab)
+        device.add_done_callback(lambda f: self._device_done(key, f))
+        try:
+            return device.result(timeout=self.device_wait_s)
+        except FutureTimeout:
+            pass
+        except ValueError as device_error:
+            return self._fallback(constraint, vocab, device_error)
+        try:
+            grammar = self._compile_host(constraint, vocab)
+        except ValueError:
+            try:  # the host matcher cannot take it: the device path's answer, however long (budgeted)
+                return device.result()
+            except ValueError as device_error:
+                return self._fallback(constraint, vocab, device_error)
+        with self._lock:
+            self._early_host += 1
+        return grammar
+
+    def _device_done(self, key: tuple, device: Future) -> None:
+        """A device compile that may have outlived its request: a success replaces the cached host grammar."""
+        grammar = None if device.cancelled() or device.exception() is not None else device.result()
+        with self._lock:
+            self._background -= 1
+            if grammar is not None and isinstance(self._cache.get(key), HostGrammar):
+                self._cache_nbytes -= self._cache.pop(key).nbytes
+                self._insert(key, grammar)
+                self._upgraded += 1
+
+    def _fallback(self, constraint: Constraint, vocab: VocabInfo, device_error: ValueError) -> HostGrammar:
+        eligible = isinstance(device_error, ConstraintTooComplex) or (
+            constraint.kind == "json_schema" and isinstance(device_error, UnsupportedSchema))
+        if not eligible or self._host_tokenizer_fn is None:
+            raise device_error
+        try:
+            return self._compile_host(constraint, vocab)
+        except ValueError as host_error:
+            device_error.args = (f"{device_error}; the host matcher refused it too: {str(host_error)[:300]}",)
+            raise device_error from host_error
 
     def _build(self, key: tuple, constraint: Constraint) -> Grammar | HostGrammar:
         try:
-            grammar = self._compile(constraint)
+            grammar = self._compile(key, constraint)
         except ConstraintTooComplex:
             with self._lock:
                 self._too_complex += 1
@@ -238,7 +297,9 @@ class ConstraintService:
             self._in_flight.pop(key, None)
         return grammar
 
-    def _insert(self, key: tuple, grammar: Grammar) -> None:
+    def _insert(self, key: tuple, grammar: Grammar | HostGrammar) -> None:
+        if isinstance(grammar, HostGrammar) and isinstance(self._cache.get(key), Grammar):
+            return  # its device compile finished first: later requests get the device path
         size = grammar.nbytes
         if size > self.cache_bytes_limit:
             return

@@ -206,7 +206,7 @@ class LLMEngine:
         self.constraints = ConstraintService(
             self.tokenizer.token_bytes, self.end_token_ids, cfg.vocab_size,
             max_workers=config.constraint_workers, max_pending=config.max_pending_constraints,
-            host_tokenizer_fn=self._host_tokenizer_fn(),
+            host_tokenizer_fn=self._host_tokenizer_fn(), device_wait_s=config.constraint_device_wait_s,
         )
         log.info("model %s (%s, %s), %d KV pages of %d tokens, attention %s", parts.path, cfg.family,
                  self.dtype, num_pages, config.page_size, self.runner.attention_name)
