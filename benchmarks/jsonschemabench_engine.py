@@ -34,9 +34,11 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=0, help="schemas per subset after --start (0: all)")
     ap.add_argument("--max-tokens", type=int, default=384)
     ap.add_argument("--max-running", type=int, default=64)
+    ap.add_argument("--names-file", default=None, help="only the files listed (SUBSET/NAME.json, one a line)")
     ap.add_argument("--path", choices=["all", "device", "host"], default="all",
                     help="only the schemas that compile to this path (host: the llguidance matcher)")
     args = ap.parse_args()
+    wanted = set(pathlib.Path(args.names_file).read_text().split()) if args.names_file else set()
 
     model_dir = make_tiny_model(tempfile.mkdtemp(prefix="tiny-"), "llama", tokenizer_dir=default_model_path())
     engine = LLMEngine(EngineConfig(model=str(model_dir), max_running_requests=args.max_running,
@@ -45,7 +47,10 @@ def main() -> None:
     engine.warmup()
     summary = {}
     for subset in sorted(p for p in pathlib.Path(args.data).iterdir() if p.is_dir()):
-        files = sorted(subset.glob("*.json"))[args.start:][: args.limit or None]
+        files = sorted(subset.glob("*.json"))
+        if args.names_file:
+            files = [f for f in files if f"{subset.name}/{f.name}" in wanted]
+        files = files[args.start:][: args.limit or None]
         t0 = time.perf_counter()
         reasons: collections.Counter = collections.Counter()
         schemas: dict[str, dict] = {}

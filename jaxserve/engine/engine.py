@@ -75,6 +75,7 @@ class EngineStats:
     host_matcher_seconds_total: float = 0.0
     num_failed_requests_total: int = 0  # requests the engine ended with an error (the others went on)
     num_queued: int = 0  # admitted but not producing output yet (compiling, inbox, waiting); AsyncEngine only
+    num_program_sets_compiling: int = 0  # 1 while the step programs' background compilation runs (per replica)
     num_constraint_cache_hits_total: int = 0
     num_constraint_compiles_total: int = 0
     num_constraints_too_complex_total: int = 0
@@ -405,6 +406,7 @@ class LLMEngine:
             num_constraint_cache_hits_total=compiles.hits, num_constraint_compiles_total=compiles.misses,
             num_constraints_too_complex_total=compiles.too_complex,
             kv_pages_cached=self.allocator.num_cached,
+            num_program_sets_compiling=int(self.runner.programs.background_running),
             **self._prefix_stats(),
         )
 

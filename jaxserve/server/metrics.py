@@ -28,6 +28,9 @@ class _EngineGauges(Collector):
             "jaxserve_kv_pages_total": ("KV cache pages in the pool", "kv_pages_total"),
             "jaxserve_kv_pages_cached": ("KV cache pages held only by the prefix cache (reusable, evictable)",
                                          "kv_pages_cached"),
+            "jaxserve_programs_compiling": (
+                "Engines still compiling step programs in the background (serving meanwhile; steps use ready buckets)",
+                "num_program_sets_compiling"),
             "jaxserve_num_requests_queued": (
                 "Requests admitted but not yet producing output (compiling a constraint, queued, prefilling)",
                 "num_queued"),
