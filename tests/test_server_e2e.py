@@ -263,6 +263,13 @@ def test_regex_json_schema_and_json_object(client):
     r = client.chat.completions.create(model=MODEL, messages=USER, temperature=0, max_tokens=40,
                                        response_format={"type": "json_schema", "json_schema": {"name": "c", "schema": schema}})
     jsonschema.validate(json.loads(r.choices[0].message.content), schema)
+    # multipleOf 3 without bounds: no device table lists its multiples, so the host matcher (llguidance) runs it.
+    host_schema = {"type": "object", "properties": {"n": {"type": "integer", "multipleOf": 3}, "ok": {"type": "boolean"}},
+                   "required": ["n", "ok"], "additionalProperties": False}
+    r = client.chat.completions.create(model=MODEL, messages=USER, temperature=1.0, seed=3, max_tokens=60,
+                                       response_format={"type": "json_schema", "json_schema": {"name": "h", "schema": host_schema}})
+    assert r.choices[0].finish_reason == "stop"
+    jsonschema.validate(json.loads(r.choices[0].message.content), host_schema)
     r = client.chat.completions.create(model=MODEL, messages=USER, temperature=0, max_tokens=40,
                                        response_format={"type": "json_object"})
     if r.choices[0].finish_reason == "stop":
