@@ -88,6 +88,8 @@ CASES: dict[str, list[tuple[dict, list[str]]]] = {
         ({"type": "integer", "multipleOf": 5}, ["7", "-12", "51"]),
         ({"type": "integer", "multipleOf": 3, "minimum": 0, "maximum": 30}, ["4", "-3", "33"]),
         ({"type": "number", "multipleOf": 4, "minimum": 0}, ["2", "-4", "4.5", "102"]),
+        # A float step: jsonschema checks it in floating point, so the multiples stop at 15 digits.
+        ({"type": "integer", "multipleOf": 5.0}, ["7", "-12"]),
     ],
     "format": [
         ({"type": "string", "format": "hostname"}, ['"-bad"', '"a..b"', '""']),
@@ -185,3 +187,8 @@ def test_unknown_formats_constrain_nothing_but_known_ones_are_exact():
     assert json_schema_to_regex({"type": "string", "format": "x-color"}) == json_schema_to_regex({"type": "string"})
     with pytest.raises(ValueError, match="format"):
         json_schema_to_regex({"type": "string", "format": "email", "maxLength": 20})
+
+
+def test_a_float_multiple_of_keeps_integers_within_floating_point():
+    regex = json_schema_to_regex({"type": "integer", "multipleOf": 5.0})
+    assert re.fullmatch(regex, "5" + "0" * 14) and not re.fullmatch(regex, "5" + "0" * 15)

@@ -192,9 +192,10 @@ def _inexact_for_llguidance(schema: Any) -> str | None:
         if not isinstance(node, dict):
             continue
         step = node.get("multipleOf")
-        if isinstance(step, float) and not step.is_integer():
-            # llguidance allows 0.3 for multipleOf 0.1; jsonschema divides in binary floating point and refuses it.
-            return f"unsupported keyword 'multipleOf' with the fractional step {step}"
+        if isinstance(step, float):
+            # jsonschema divides by a float step in binary floating point: it refuses 0.3 for 0.1 (llguidance
+            # allows it) and raises on an integer past ~10^308 (llguidance's integers are unbounded).
+            return f"unsupported keyword 'multipleOf' with the float step {step}"
         open_names = node.get("patternProperties") or node.get("additionalProperties", True) is not False
         if isinstance(node.get("minProperties"), int) and node["minProperties"] > 1 and open_names:
             # llguidance lets a name repeat; a repeated name counts once, so fewer properties than required.

@@ -669,16 +669,22 @@ class _Converter:
         hi = _int_bound(schema, "maximum", "exclusiveMaximum", lower=False)
         step = _multiple_of(schema)
         if step is not None:
-            return self.multiples(step, None if lo is None else int(lo), None if hi is None else int(hi))
+            # jsonschema divides by a float step in floating point: past 2^53 a multiple may fail its check, and
+            # an integer past ~10^308 makes it raise. A float step gets at most 15 digits.
+            digits = 15 if isinstance(schema["multipleOf"], float) else None
+            return self.multiples(step, None if lo is None else int(lo), None if hi is None else int(hi), digits)
         if lo is None and hi is None:
             return INTEGER
         return int_range(None if lo is None else int(lo), None if hi is None else int(hi), self.charge)
 
-    def multiples(self, step: int, lo: int | None, hi: int | None) -> str:
+    def multiples(self, step: int, lo: int | None, hi: int | None, digits: int | None = None) -> str:
         """Integers in [lo, hi] divisible by `step`: listed when there are at most max_enum_values of them;
         otherwise exact by their last digits when step = 2^a 5^b (divisibility by it depends only on the
         last max(a, b) digits); else refused."""
         if step == 1:
+            if digits is not None:
+                cap = 10 ** digits - 1
+                lo, hi = max(-cap, -cap if lo is None else lo), min(cap, cap if hi is None else hi)
             return self.integer({k: v for k, v in {"minimum": lo, "maximum": hi}.items() if v is not None})
         if lo is not None and hi is not None:
             first = -(-lo // step) * step
@@ -687,7 +693,7 @@ class _Converter:
             if (hi - first) // step < self.options.max_enum_values:
                 return self.out(_alt([str(v) for v in range(first, hi + 1, step)]))
             raise UnsupportedSchema("unsupported keyword 'multipleOf' over a range this wide")
-        positive = _positive_multiples_regex(step, self.options.max_enum_values)
+        positive = _positive_multiples_regex(step, self.options.max_enum_values, digits)
         if positive is None:
             raise UnsupportedSchema(f"unsupported keyword 'multipleOf' {step} without both bounds")
         if lo is None and hi is None:
@@ -1011,7 +1017,7 @@ def _multiple_of(schema: dict) -> int | None:
     return int(step)
 
 
-def _positive_multiples_regex(step: int, max_listed: int) -> str | None:
+def _positive_multiples_regex(step: int, max_listed: int, max_digits: int | None = None) -> str | None:
     """Regex of the positive multiples of `step` = 2^a 5^b (None otherwise, or when the multiples below
     10^max(a, b) are more than `max_listed`): those short ones listed, the longer ones by their last digits."""
     rest, twos, fives = step, 0, 0
@@ -1027,7 +1033,10 @@ def _positive_multiples_regex(step: int, max_listed: int) -> str | None:
         return None
     endings = [str(v).zfill(width) for v in range(0, bound, step)]
     short = [str(v) for v in range(step, bound, step)]
-    longer = "[1-9][0-9]*" + _alt(endings)
+    if max_digits is not None and max_digits <= width:
+        return _alt(short) if short else None
+    middle = "[0-9]*" if max_digits is None else _repeat_bounds(0, max_digits - width - 1).join(["[0-9]", ""])
+    longer = "[1-9]" + middle + _alt(endings)
     return _alt(short + [longer])
 
 
