@@ -17,6 +17,10 @@ A grammar whose transition tables do not fit (out of class-map slots or next-sta
 evicting unused grammars) is still resident with its mask rows; its rows advance on the host (the engine
 then runs steps synchronously while it runs). That fallback is logged and counted (`num_host_advance`).
 
+A host-matched sequence (constrained/host_matcher.py: a constraint the device tables cannot hold) holds a
+block of its own (`add_host_rows`): state 0 forever, no transition tables, its row rewritten by the engine
+after every token (`write_host_row`).
+
 The sampler does
 
     logits = apply_token_mask(logits, pool.table[mask_row_ids])
