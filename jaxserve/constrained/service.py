@@ -98,6 +98,7 @@ class ConstraintService:
         self._in_flight: dict[tuple, Future] = {}
         self._hits = self._misses = self._too_complex = self._invalid = self._busy = self._host = 0
         self._early_host = self._upgraded = self._background = 0
+        self._hosted_early: set[tuple] = set()  # keys whose request took the host matcher while the device compiled
         self.device_wait_s = device_wait_s
         self._executor = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="constraint-compile")
         # Device compiles when a host path can take a request that waited `device_wait_s` for one.
@@ -251,6 +252,9 @@ class ConstraintService:
             except ValueError as device_error:
                 return self._fallback(constraint, vocab, device_error)
         with self._lock:
+            if device.done() and not device.cancelled() and device.exception() is None:
+                return device.result()  # finished while the host matcher built: the device path after all
+            self._hosted_early.add(key)  # from here, _device_done replaces the cached host grammar
             self._early_host += 1
         return grammar
 
@@ -259,8 +263,11 @@ class ConstraintService:
         grammar = None if device.cancelled() or device.exception() is not None else device.result()
         with self._lock:
             self._background -= 1
-            if grammar is not None and isinstance(self._cache.get(key), HostGrammar):
-                self._cache_nbytes -= self._cache.pop(key).nbytes
+            if key not in self._hosted_early:
+                return  # its request waited for it (or it failed before the host matcher took over)
+            self._hosted_early.discard(key)
+            if grammar is not None:
+                # The request may still be caching its host grammar: `_insert` never lets that replace these.
                 self._insert(key, grammar)
                 self._upgraded += 1
 
@@ -298,8 +305,11 @@ class ConstraintService:
         return grammar
 
     def _insert(self, key: tuple, grammar: Grammar | HostGrammar) -> None:
-        if isinstance(grammar, HostGrammar) and isinstance(self._cache.get(key), Grammar):
+        old = self._cache.get(key)
+        if isinstance(grammar, HostGrammar) and isinstance(old, Grammar):
             return  # its device compile finished first: later requests get the device path
+        if old is not None:
+            self._cache_nbytes -= self._cache.pop(key).nbytes
         size = grammar.nbytes
         if size > self.cache_bytes_limit:
             return
