@@ -443,13 +443,17 @@ class LLMEngine:
                                                     prefill_tokens_for_rows=tokens_for_rows)
 
     # -- one step --------------------------------------------------------------------------------
+    def _tokens_left(self, seq: Sequence) -> int:
+        """Tokens `seq` may still emit within max_tokens and the context (its placeholders count as emitted)."""
+        return min(seq.max_tokens - len(seq.output_ids), self.max_model_len - seq.num_tokens)
+
     def _sampling_row(self, seq: Sequence, emits: bool) -> SamplingRow:
         p = seq.params
         suppress = p.ignore_eos or len(seq.output_ids) < p.min_tokens
         grammar_row, from_device, tokens_left = 0, False, 0
         if seq.is_constrained:
             # Placeholders count: their tokens are emitted (or the sequence stops and this row is dropped).
-            tokens_left = min(seq.max_tokens - len(seq.output_ids), self.max_model_len - seq.num_tokens)
+            tokens_left = self._tokens_left(seq)
             # The state after a token still in flight exists only on the device, which stored it for this
             # slot when it sampled that token (the slot cannot have changed: a sequence preempted with a
             # token in flight is not readmitted before it is read). The mask row is picked on the device.
@@ -660,7 +664,7 @@ class LLMEngine:
             # fails this request alone (_resolve).
             seconds = seq.host_matcher.seconds
             seq.host_matcher.consume(token)
-            tokens_left = min(seq.max_tokens - len(seq.output_ids), self.max_model_len - seq.num_tokens)
+            tokens_left = self._tokens_left(seq)
             self.grammar_pool.write_host_row(seq.grammar_offset, seq.host_matcher.mask_row(tokens_left, seq.max_tokens))
             self.host_matcher_seconds_total += seq.host_matcher.seconds - seconds
 
