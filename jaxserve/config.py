@@ -148,7 +148,10 @@ class EngineConfig:
     max_running_requests: int | None = None
     max_num_batched_tokens: int | None = None  # chunked-prefill budget per step
     max_queued_requests: int = 1024
-    attention_backend: str = "auto"  # auto (xla on CPU, pallas on GPU/TPU) | xla | reference | pallas
+    attention_backend: str = "auto"  # auto (cpu on CPU, pallas on GPU/TPU) | cpu | xla | reference | pallas
+    # auto: on the CPU, int8 x int8 matmuls (pallas_kernels/int8_matmul) for the steps where this machine runs them
+    # faster than float32, measured once and cached (engine/matmul_plan.py) | none | int8 (every CPU step)
+    quantization: str = "auto"
     tp_size: int = 1  # devices one engine's model is split over (tensor parallelism)
     # Engine replicas on disjoint groups of tp_size devices behind one server (engine/data_parallel.py).
     dp_size: int = 1
@@ -189,6 +192,8 @@ class EngineConfig:
     constraint_device_wait_s: float | None = None
 
     def __post_init__(self) -> None:
+        if self.quantization not in ("auto", "none", "int8"):
+            raise ValueError(f"quantization must be one of auto, none, int8, got {self.quantization!r}")
         if self.page_size not in (8, 16, 32, 64, 128):
             raise ValueError(f"page_size must be one of 8, 16, 32, 64, 128, got {self.page_size}")
         if self.max_running_requests is not None and self.max_running_requests < 1:
@@ -199,8 +204,9 @@ class EngineConfig:
             raise ValueError("max_model_len must be >= 16")
         if self.grammar_class_map_slots < 0 or self.grammar_next_capacity < 0:
             raise ValueError("grammar_class_map_slots and grammar_next_capacity must be >= 0")
-        if self.attention_backend not in ("auto", "xla", "reference", "pallas"):
-            raise ValueError(f"attention_backend must be auto, xla, reference or pallas, got {self.attention_backend!r}")
+        if self.attention_backend not in ("auto", "cpu", "xla", "reference", "pallas"):
+            raise ValueError("attention_backend must be auto, cpu, xla, reference or pallas, got "
+                             f"{self.attention_backend!r}")
         if self.layer_loop not in ("auto", "scan", "loop"):
             raise ValueError(f"layer_loop must be auto, scan or loop, got {self.layer_loop!r}")
         if self.dtype not in ("auto", "float32", "bfloat16"):

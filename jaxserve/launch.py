@@ -62,8 +62,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-num-batched-tokens", "--chunked-prefill-size", dest="max_num_batched_tokens", type=int,
                    default=S, help="token budget per engine step (chunked prefill)")
     p.add_argument("--max-queued-requests", type=int, default=S, help="waiting requests before answering 503")
-    p.add_argument("--attention-backend", choices=["auto", "xla", "reference", "pallas"], default=S,
-                   help="auto: xla (pure JAX tuned for XLA:CPU) on CPU, our Pallas kernels on GPU/TPU")
+    p.add_argument("--attention-backend", choices=["auto", "cpu", "xla", "reference", "pallas"], default=S,
+                   help="auto: cpu (our C++ kernel for XLA:CPU; xla, pure JAX, where it cannot be built) on CPU, "
+                        "our Pallas kernels on GPU/TPU")
+    p.add_argument("--quantization", choices=["auto", "none", "int8"], default=S,
+                   help="CPU matmuls: auto (int8 x int8, AVX-512 VNNI or AVX2, for the step sizes where this "
+                        "machine runs it faster than float32, measured once and cached), none (float), int8 (always)")
     p.add_argument("--tp-size", "--tp", dest="tp_size", type=int, default=S,
                    help="devices one engine's model is split over (tensor parallelism)")
     p.add_argument("--dp-size", "--dp", dest="dp_size", type=int, default=S,

@@ -1,4 +1,5 @@
-"""Paged attention for jaxserve: a pure-JAX reference and Pallas kernels for CUDA GPUs and TPUs.
+"""jaxserve's kernels: paged attention (a pure-JAX reference and Pallas kernels for CUDA GPUs and TPUs) and
+the CPU int8 matmul (`pallas_kernels.int8_matmul`, a C++ XLA FFI custom call beside its pure-JAX reference).
 
 The engine calls `paged_attention(..., impl=...)`; see `pallas_kernels.paged_attention`.
 """

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import time
 
+import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -18,7 +19,7 @@ QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 def test_greedy_chat_matches_transformers_and_names_paris(smollm2_tokenizer_dir):
     from transformers import AutoModelForCausalLM
 
-    llm = LLM(None, max_running_requests=1, max_num_batched_tokens=64, max_model_len=256)
+    llm = LLM(None, max_running_requests=1, max_num_batched_tokens=64, max_model_len=256, quantization="none")
     prompt = llm.tokenizer.apply_chat_template(QUESTION, add_generation_prompt=True)
     ours = llm.generate([prompt], SamplingParams(max_tokens=32, temperature=0, ignore_eos=True))[0].outputs[0]
 
@@ -37,3 +38,44 @@ def test_second_load_of_the_default_model_is_fast(smollm2_tokenizer_dir):
     seconds = time.perf_counter() - t0
     print(f"second load of the default model: {seconds:.2f} s")
     assert seconds < 10
+
+
+# Held-out text for the int8 quality gate (written for this test; plain prose, code and a dialogue turn).
+QUALITY_TEXT = """The river town woke slowly. Fishermen pulled their boats onto the gravel while the baker, who had been
+up since four, carried trays of bread to the window. Children ran past the church on their way to school, and
+an old dog watched them from the steps of the post office, too tired to follow.
+
+def mean(values):
+    if not values:
+        raise ValueError("mean of an empty list")
+    return sum(values) / len(values)
+
+Q: How many minutes are there in three and a half hours?
+A: Three hours are 180 minutes and half an hour is 30 minutes, so three and a half hours are 210 minutes."""
+
+# Perplexity of QUALITY_TEXT under int8 matmuls may exceed float32's by at most this fraction (measured on
+# AMD EPYC (Zen 4) at the change: see docs/benchmarks.md "int8 quality").
+INT8_PERPLEXITY_BOUND = 0.03
+
+
+@pytest.mark.slow
+def test_int8_matmuls_keep_the_default_model_within_the_perplexity_bound(smollm2_tokenizer_dir):
+    from pallas_kernels.int8_matmul import KernelUnavailable, load_kernel
+    from jaxserve.config import cache_dir
+
+    try:
+        load_kernel(cache_dir() / "kernels")
+    except KernelUnavailable as e:
+        pytest.skip(f"int8 kernel unavailable: {e}")
+    perplexity, answers = {}, {}
+    for mode in ("none", "int8"):
+        llm = LLM(None, max_running_requests=1, max_num_batched_tokens=64, max_model_len=512, quantization=mode)
+        ids = llm.tokenizer.encode(QUALITY_TEXT)
+        out = llm.generate([ids], SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=0))[0]
+        logprobs = [lp.logprob for lp in out.prompt_logprobs[1:]]
+        perplexity[mode] = float(np.exp(-np.mean(logprobs)))
+        prompt = llm.tokenizer.apply_chat_template(QUESTION, add_generation_prompt=True)
+        answers[mode] = llm.generate([prompt], SamplingParams(max_tokens=24, temperature=0))[0].outputs[0].text
+    print(f"perplexity float32 {perplexity['none']:.3f}, int8 {perplexity['int8']:.3f}; answers {answers}")
+    assert perplexity["int8"] <= perplexity["none"] * (1 + INT8_PERPLEXITY_BOUND)
+    assert "Paris" in answers["int8"]

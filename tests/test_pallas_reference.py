@@ -1,5 +1,5 @@
-"""The pure-JAX paged attention implementations (the reference and the XLA:CPU-tuned one) against a naive
-float64 NumPy attention."""
+"""The CPU paged attention implementations (the pure-JAX reference, the XLA:CPU-tuned formulation and the C++
+kernel) against a naive float64 NumPy attention."""
 from __future__ import annotations
 
 import jax
@@ -11,7 +11,30 @@ from pallas_kernels.reference import paged_attention_reference
 from pallas_kernels.xla_attention import paged_attention_xla
 from pallas_kernels.testing import make_problem, max_relative_error, naive_dense_attention, query_validity
 
-IMPLS = [pytest.param(paged_attention_reference, id="reference"), pytest.param(paged_attention_xla, id="xla")]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def cpu_kernel() -> str | None:
+    """Builds and registers the C++ kernel (outside any trace); the reason when it cannot be (no g++)."""
+    from jaxserve.config import cache_dir
+    from pallas_kernels import paged_attention_cpu as cpu
+
+    try:
+        cpu.load_kernel(cache_dir() / "kernels")
+    except cpu.KernelUnavailable as e:
+        return str(e)
+    return None
+
+
+def paged_attention_cpu(*args, **options):
+    """The C++ kernel for XLA:CPU (registered by the `cpu_kernel` fixture)."""
+    from pallas_kernels import paged_attention_cpu as cpu
+
+    return cpu.paged_attention_cpu(*args, **options)
+
+
+IMPLS = [pytest.param(paged_attention_reference, id="reference"), pytest.param(paged_attention_xla, id="xla"),
+         pytest.param(paged_attention_cpu, id="cpu")]
 
 CASES = [
     # (seq_lens, q_lens, heads, kv_heads, head_dim, page_size, soft_cap, window)
@@ -25,7 +48,9 @@ CASES = [
 
 @pytest.mark.parametrize("attention", IMPLS)
 @pytest.mark.parametrize("seq_lens,q_lens,heads,kv_heads,head_dim,page_size,soft_cap,window", CASES)
-def test_matches_naive_attention(attention, seq_lens, q_lens, heads, kv_heads, head_dim, page_size, soft_cap, window):
+def test_matches_naive_attention(cpu_kernel, attention, seq_lens, q_lens, heads, kv_heads, head_dim, page_size, soft_cap, window):
+    if attention is paged_attention_cpu and cpu_kernel:
+        pytest.skip(cpu_kernel)
     rng = np.random.default_rng(sum(seq_lens) + heads)
     problem = make_problem(
         rng, seq_lens=seq_lens, q_lens=q_lens, num_heads=heads, num_kv_heads=kv_heads,
@@ -44,7 +69,9 @@ def test_matches_naive_attention(attention, seq_lens, q_lens, heads, kv_heads, h
 
 
 @pytest.mark.parametrize("attention", IMPLS)
-def test_all_padding_row_and_bfloat16(attention):
+def test_all_padding_row_and_bfloat16(cpu_kernel, attention):
+    if attention is paged_attention_cpu and cpu_kernel:
+        pytest.skip(cpu_kernel)
     rng = np.random.default_rng(0)
     problem = make_problem(
         rng, seq_lens=[0, 33], q_lens=[0, 2], num_heads=8, num_kv_heads=2, head_dim=64, page_size=16,
@@ -82,7 +109,11 @@ def test_rejects_bad_head_ratio(attention):
         attention(*problem.args(), scale=1.0)
 
 
-def test_xla_equals_reference_on_an_engine_decode_batch():
+@pytest.mark.parametrize("attention", [pytest.param(paged_attention_xla, id="xla"),
+                                       pytest.param(paged_attention_cpu, id="cpu")])
+def test_equals_reference_on_an_engine_decode_batch(cpu_kernel, attention):
+    if attention is paged_attention_cpu and cpu_kernel:
+        pytest.skip(cpu_kernel)
     """The engine's CPU decode shape: many rows, one query each, a wide page table padded with the null page,
     the layer index traced (as in the scan over layers)."""
     rng = np.random.default_rng(7)
@@ -91,5 +122,5 @@ def test_xla_equals_reference_on_an_engine_decode_batch():
                            page_size=16, pages_per_row=16, num_layers=3, layer=2)
     run = jax.jit(lambda f, *a: f(*a, scale=0.125), static_argnums=0)
     ref = np.asarray(run(paged_attention_reference, *problem.args()))
-    out = np.asarray(run(paged_attention_xla, *problem.args()))
+    out = np.asarray(run(attention, *problem.args()))
     np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)

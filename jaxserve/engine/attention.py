@@ -1,14 +1,15 @@
 """Paged attention inside the model: write the new K/V into their pages, then attend over the pages.
 
 `PagedCacheOps` is the `KVCacheOps` the engine hands to the model. The attention itself is a backend
-function with the contract of docs/architecture.md: the pure-JAX reference (CPU default) or a Pallas
-kernel (GPU/TPU), chosen once at start-up.
+function with the contract of docs/architecture.md: our C++ kernel on the CPU (pure JAX where it cannot be
+built) or a Pallas kernel (GPU/TPU), chosen once at start-up.
 """
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 from typing import Callable
 
 import jax
@@ -18,7 +19,7 @@ from jaxserve.engine.kv_cache import PagedKVCache
 
 log = logging.getLogger(__name__)
 
-ATTENTION_BACKENDS = ("auto", "xla", "reference", "pallas")
+ATTENTION_BACKENDS = ("auto", "cpu", "xla", "reference", "pallas")
 
 
 @jax.tree_util.register_dataclass
@@ -95,11 +96,14 @@ def write_kv(cache: jax.Array, new: jax.Array, layer, slot_page: jax.Array, slot
                            mode=jax.lax.GatherScatterMode.FILL_OR_DROP)
 
 
-def select_attention(backend: str, platform: str, *, interpret: bool = False) -> tuple[Callable[..., jax.Array], str]:
-    """Resolve --attention-backend to an attention function and a name for logs. `xla` (and `auto` on CPU) is
-    the pure-JAX formulation tuned for XLA:CPU, `reference` the plain contract implementation, `pallas` (and
-    `auto` on GPU/TPU) our kernels; a shape a kernel does not support falls back to the reference with a log
-    line (decided per shape inside `pallas_kernels.paged_attention`), never a wrong result."""
+def select_attention(backend: str, platform: str, *, interpret: bool = False,
+                     build_dir: Path | None = None) -> tuple[Callable[..., jax.Array], str]:
+    """Resolve --attention-backend to an attention function and a name for logs. `cpu` (and `auto` on CPU) is
+    our C++ kernel for XLA:CPU (`pallas_kernels.paged_attention_cpu`, built once per machine into
+    `build_dir`); where it cannot be built, `auto` takes `xla`, the pure-JAX formulation tuned for XLA:CPU,
+    and says why. `reference` is the plain contract implementation, `pallas` (and `auto` on GPU/TPU) our
+    kernels; a shape a kernel does not support falls back to the reference with a log line (decided per
+    shape inside `pallas_kernels.paged_attention`), never a wrong result."""
     from pallas_kernels import paged_attention
     from pallas_kernels.reference import paged_attention_reference
     from pallas_kernels.xla_attention import paged_attention_xla
@@ -108,8 +112,21 @@ def select_attention(backend: str, platform: str, *, interpret: bool = False) ->
         raise ValueError(f"unknown attention backend {backend!r} (choose {', '.join(ATTENTION_BACKENDS)})")
     if backend == "reference":
         return paged_attention_reference, "reference"
-    if backend == "xla" or (backend == "auto" and platform == "cpu"):
+    if backend == "xla":
         return paged_attention_xla, "xla"
+    if backend == "cpu" or (backend == "auto" and platform == "cpu"):
+        from pallas_kernels.paged_attention_cpu import KernelUnavailable, load_kernel, paged_attention_cpu
+
+        if platform != "cpu":
+            raise ValueError(f"the cpu attention backend is a kernel for XLA:CPU (platform is {platform})")
+        try:
+            load_kernel(build_dir or Path.home() / ".cache" / "jaxserve" / "kernels")
+        except KernelUnavailable as e:
+            if backend == "cpu":
+                raise ValueError(f"--attention-backend cpu: the kernel is unavailable: {e}") from e
+            log.warning("the CPU attention kernel is unavailable (%s); using the pure-JAX xla attention", e)
+            return paged_attention_xla, "xla"
+        return paged_attention_cpu, "cpu"
     if platform not in ("gpu", "cuda", "tpu") and not interpret:
         raise ValueError(f"the pallas attention backend needs a GPU or TPU (platform is {platform}); "
                          "use --attention-backend reference")

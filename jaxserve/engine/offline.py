@@ -27,6 +27,8 @@ class GenerationResult:
     prompt_ids: list[int]
     outputs: list[Completion]
     error: str | None = None  # the engine failed this request (its outputs end with finish_reason "error")
+    # With SamplingParams.prompt_logprobs: one entry per prompt token (None for the first), as vLLM's.
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
 
 class LLM:
@@ -59,6 +61,8 @@ class LLM:
         while self.engine.has_work():
             for out in self.engine.step():
                 res = results[out.request_id]
+                if out.prompt_logprobs is not None:
+                    res.prompt_logprobs = out.prompt_logprobs
                 if out.error is not None:
                     res.error = out.error
                     for comp in res.outputs:

@@ -34,7 +34,7 @@ def code_fingerprint() -> str:
     """A hash of jaxserve's and the kernels' source: any code change invalidates every cached executable."""
     h = hashlib.sha256()
     for root in _SOURCE_ROOTS:
-        for path in sorted(root.rglob("*.py")):
+        for path in sorted([*root.rglob("*.py"), *root.rglob("*.cc")]):
             h.update(str(path.relative_to(root)).encode())
             h.update(path.read_bytes())
     return h.hexdigest()
@@ -184,6 +184,7 @@ class ProgramSpec:
     jitted: Any
     static: tuple
     args: tuple
+    variant: str = ""  # another program for the same shape (the forward's int8 matmuls): its own cache entry
 
 
 @dataclass(frozen=True)
@@ -223,7 +224,7 @@ class ProgramSet:
         if existing is not None:
             return existing, True, 0.0
         t0 = time.perf_counter()
-        key = self.cache.key(f"{spec.kind}{spec.shape}", spec.static, spec.args)
+        key = self.cache.key(f"{spec.kind}{spec.shape}{spec.variant}", spec.static, spec.args)
         compiled = self.cache.load(key)
         if compiled is not None and not _takes(compiled, spec.args):
             log.warning("executable cache entry for %s %s takes other arguments (stale); compiling it again",

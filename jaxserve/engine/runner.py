@@ -20,16 +20,17 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from jaxserve.config import EngineConfig, ModelConfig
+from jaxserve.config import EngineConfig, ModelConfig, cache_dir
 from jaxserve.constrained.tables import GrammarTables
 from jaxserve.engine.attention import PagedCacheOps, PagedMeta, select_attention
 from jaxserve.engine.host_memory import keep_freed_memory_in_heap
 from jaxserve.engine.kv_cache import PagedKVCache, init_paged_cache
+from jaxserve.engine.matmul_plan import plan_matmuls
 from jaxserve.engine.programs import BuildEvent, ExecutableCache, ProgramSet, ProgramSpec, abstract
 from jaxserve.engine.scheduler import PrefillChunk
 from jaxserve.engine.request import Sequence
 from jaxserve.models.forward import make_forward
-from jaxserve.models.llama import fuse_projections, unstack_layers
+from jaxserve.models.llama import fuse_projections, quantize_int8, unstack_layers
 from jaxserve.models.sharding import (
     ShardedCacheOps, adapt_params, cache_spec, make_mesh, param_shardings, place_params, plan_tensor_parallel,
     sharded_lookup,
@@ -64,13 +65,16 @@ class Buckets:
 
     @classmethod
     def make(cls, max_running: int, max_pages_per_row: int, prefill_budget: int, max_chunk: int,
-             short_prefill_width: bool = False) -> "Buckets":
+             short_prefill_width: bool = False, one_decode_width: bool = False) -> "Buckets":
         """`short_prefill_width`: prefill steps get a short page-table width (the smallest decode width) besides
         the full one, for attention backends whose cost grows with the width (the XLA formulations attend over
         every page-table slot; the kernels skip the pages past each row's length, so for them one full width
         suffices). Only two widths: prefill programs are the slowest to compile, and on CPU every one of them
-        is paid at start-up."""
+        is paid at start-up. `one_decode_width`: decode steps too get the full width only (the CPU kernel's
+        cost does not depend on it at all), a third of the programs to compile."""
         widths = _pow2_upto(max_pages_per_row, start=min(16, max_pages_per_row))
+        if one_decode_width:
+            widths = [max_pages_per_row]
         prefill_widths = [max_pages_per_row]
         if short_prefill_width:
             prefill_widths = sorted({widths[0], max_pages_per_row})
@@ -94,6 +98,11 @@ class Buckets:
         sample_rows = sorted({min(r, max_rows) for r in (8, 16, 32, 64, 128, 256)} | {max_rows})
         return cls(tuple(_pow2_upto(max_running)), tuple(sample_rows), tuple(widths), tuple(shapes),
                    tuple(prefill_widths))
+
+    def matmul_row_counts(self) -> list[int]:
+        """The rows a step's matmuls multiply (rows x tokens), per forward bucket: what the matmul plan is
+        decided for."""
+        return sorted(set(self.decode_rows) | {r * t for r, t in self.prefill_shapes})
 
     def decode_shape(self, rows: int, pages: int) -> tuple[int, int]:
         return _first_at_least(self.decode_rows, rows), _first_at_least(self.page_widths, pages)
@@ -214,6 +223,13 @@ def _fork_slots(penalty: PenaltyState, src: jax.Array, dst: jax.Array) -> Penalt
     )
 
 
+def jit_forward(forward, replicated: NamedSharding, cache_sharding: NamedSharding) -> Any:
+    """The forward step of `forward` (one per matmul precision), jitted as `jit_programs` describes."""
+    rep, kv = replicated, cache_sharding
+    return jax.jit(partial(_forward_step, forward), static_argnums=(0,), donate_argnums=(2, 3),
+                   out_shardings=(rep, PagedKVCache(kv, kv), rep, rep))
+
+
 def jit_programs(forward, replicated: NamedSharding, cache_sharding: NamedSharding) -> tuple[Any, Any, Any, Any]:
     """The runner's four jitted programs (forward step, sampler, page copy, slot fork); `jaxserve.aot` compiles
     the same ones. The state they return keeps fixed shardings (the cache split by KV head, everything else
@@ -221,8 +237,7 @@ def jit_programs(forward, replicated: NamedSharding, cache_sharding: NamedShardi
     (XLA would otherwise pick equivalent but unequal shardings for the outputs). The logits are gathered for
     the sampler, which works over the whole vocabulary."""
     rep, kv = replicated, cache_sharding
-    fwd = jax.jit(partial(_forward_step, forward), static_argnums=(0,), donate_argnums=(2, 3),
-                  out_shardings=(rep, PagedKVCache(kv, kv), rep, rep))
+    fwd = jit_forward(forward, replicated, cache_sharding)
     sample = jax.jit(_sample_step, donate_argnums=(2, 5, 6), out_shardings=rep)
     copy_pages = jax.jit(_copy_pages, donate_argnums=(0,), out_shardings=PagedKVCache(kv, kv))
     fork_slots = jax.jit(_fork_slots, donate_argnums=(0,), out_shardings=rep)
@@ -274,7 +289,8 @@ class ModelRunner:
         if self.platform == "cpu" and engine_config.host_malloc_tuning:
             keep_freed_memory_in_heap()
         attend, self.attention_name = select_attention(
-            engine_config.attention_backend, self.platform, interpret=interpret_kernels
+            engine_config.attention_backend, self.platform, interpret=interpret_kernels,
+            build_dir=cache_dir() / "kernels",
         )
         cache_ops = PagedCacheOps(attend, model_config.head_dim**-0.5, model_config.sliding_window)
         if tp > 1:
@@ -284,8 +300,23 @@ class ModelRunner:
         if not self.scan_layers:
             params = unstack_layers(params, model_config.num_layers)
         params = fuse_projections(params, groups=tp)
-        forward = make_forward(model_config, dtype, cache_ops, scan_layers=self.scan_layers, fused_projections=True,
-                               shard_groups=tp, embed_lookup=sharded_lookup(self.mesh, self.plan))
+        max_chunk = min(engine_config.max_num_batched_tokens, max_model_len)
+        self.max_chunk = max_chunk
+        self.buckets = Buckets.make(
+            engine_config.max_running_requests, self.max_pages_per_row, engine_config.max_num_batched_tokens, max_chunk,
+            short_prefill_width=self.attention_name in ("xla", "reference"),
+            one_decode_width=self.attention_name == "cpu",
+        )
+        # float32 or int8 matmuls, per step row count (engine/matmul_plan.py); int8 steps read packed weights.
+        self.matmul_plan = plan_matmuls(engine_config.quantization, self.platform, model_config,
+                                        self.buckets.matmul_row_counts(), tp, cache_dir())
+        log.info("%s", self.matmul_plan.reason)
+        if self.matmul_plan.uses_int8:
+            every_step = set(self.matmul_plan.int8_rows) >= set(self.buckets.matmul_row_counts())
+            params = quantize_int8(params, model_config, keep_float=not every_step)
+        make = partial(make_forward, model_config, dtype, cache_ops, scan_layers=self.scan_layers,
+                       fused_projections=True, shard_groups=tp, embed_lookup=sharded_lookup(self.mesh, self.plan))
+        forward = make()
         # Two programs per step: the forward is compiled per (rows, tokens, pages) bucket, the sampler only
         # per row count, so compile time grows with the bucket grid far more slowly. Both are dispatched
         # asynchronously; the logits never leave the device.
@@ -293,6 +324,8 @@ class ModelRunner:
         cache_sharding = NamedSharding(self.mesh, cache_spec())
         self._forward, self._sample, self._copy_pages, self._fork_slots = jit_programs(
             forward, self.replicated, cache_sharding)
+        self._forward_int8 = (jit_forward(make(int8=True), self.replicated, cache_sharding)
+                              if self.matmul_plan.uses_int8 else None)
         self.params = place_params(params, param_shardings(params, self.mesh, self.plan.shard_vocab))
         del params
         kv_dtype = jnp.float32 if dtype == "float32" else jnp.bfloat16
@@ -308,12 +341,6 @@ class ModelRunner:
         self.grammar_state = on_mesh(partial(jnp.zeros, R, jnp.int32))()
         self.end_ids = jax.device_put(np.array(list(end_token_ids) or [-1], np.int32), self.replicated)
         self._grammar_tables_fn = grammar_tables_fn  # () -> the grammar pool's current GrammarTables
-        max_chunk = min(engine_config.max_num_batched_tokens, max_model_len)
-        self.max_chunk = max_chunk
-        self.buckets = Buckets.make(
-            engine_config.max_running_requests, self.max_pages_per_row, engine_config.max_num_batched_tokens, max_chunk,
-            short_prefill_width=self.attention_name in ("xla", "reference"),
-        )
         self.max_prefill_rows = max(r for r, _ in self.buckets.prefill_shapes)
         # Multi-host serving (engine/multihost.py): host 0 publishes each device operation before launching it.
         self.mirror: Any = None
@@ -350,8 +377,10 @@ class ModelRunner:
 
         def forward(rows: int, tokens: int, pages: int) -> ProgramSpec:
             inp = abstract(self._empty_inputs(rows, tokens, pages))
-            return ProgramSpec("forward", (rows, tokens, pages), self._forward, (self._sample_rows(rows),),
-                               (params, cache, penalty, last_tokens, inp))
+            int8 = self.matmul_plan.int8_for(rows * tokens)
+            return ProgramSpec("forward", (rows, tokens, pages), self._forward_int8 if int8 else self._forward,
+                               (self._sample_rows(rows),), (params, cache, penalty, last_tokens, inp),
+                               variant="int8" if int8 else "")
 
         def sampler(rows: int) -> ProgramSpec:
             logits = jax.ShapeDtypeStruct((rows, self.cfg.vocab_size), np.float32, sharding=self.replicated)

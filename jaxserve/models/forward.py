@@ -12,19 +12,20 @@ from jaxserve.models.llama import LlamaModel, dtype_of, head_logits
 
 def make_forward(cfg: ModelConfig, dtype: str, cache_ops: Any, *, scan_layers: bool = True,
                  fused_projections: bool = False, shard_groups: int = 1,
-                 embed_lookup: Any = None) -> Callable[..., tuple[jax.Array, Any]]:
+                 embed_lookup: Any = None, int8: bool = False) -> Callable[..., tuple[jax.Array, Any]]:
     """forward(params, tokens [B,T], positions [B,T], cache, meta, logits_index [B] | None) -> (logits, cache);
     with `hidden_row` also that row's last hidden states, for `forward.head_logits(params, hidden)`.
     With scan_layers=False the params must be in the per-layer layout (`llama.unstack_layers`); with
-    fused_projections=True in the fused one (`llama.fuse_projections`, with the same `shard_groups`)."""
+    fused_projections=True in the fused one (`llama.fuse_projections`, with the same `shard_groups`); with
+    int8=True the projections run as CPU int8 matmuls over the packed weights (`llama.quantize_int8`)."""
     model = LlamaModel(cfg, dtype_of(dtype), cache_ops, scan_layers=scan_layers, fused_projections=fused_projections,
-                       shard_groups=shard_groups, embed_lookup=embed_lookup)
+                       shard_groups=shard_groups, embed_lookup=embed_lookup, int8=int8)
 
     def forward(params, tokens, positions, cache, meta, logits_index=None, hidden_row=None):
         return model.apply({"params": params}, tokens, positions, cache, meta, logits_index, hidden_row)
 
     # The final norm + LM head alone, for hidden states returned with `hidden_row` (prompt logprobs).
-    forward.head_logits = partial(head_logits, cfg, dtype_of(dtype))
+    forward.head_logits = partial(head_logits, cfg, dtype_of(dtype), int8=int8)
     return forward
 
 

@@ -19,8 +19,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pallas_kernels.int8_matmul import PackedShapes, int8_matmul, pack
 from jaxserve.config import ModelConfig
-from jaxserve.models.deferred import lazily
+from jaxserve.models.deferred import lazily, materialize
 
 
 class KVCacheOps(Protocol):
@@ -88,24 +89,46 @@ class RMSNorm(nn.Module):
         return rms_norm(x, scale, self.eps, self.dtype)
 
 
-def head_logits(cfg: ModelConfig, dtype: Any, params: dict[str, Any], x: jax.Array) -> jax.Array:
+def head_logits(cfg: ModelConfig, dtype: Any, params: dict[str, Any], x: jax.Array, int8: bool = False) -> jax.Array:
     """The model's final norm and LM head as a pure function of its parameters: float32 logits of hidden
-    states `x` [..., hidden] (for positions the forward did not compute logits for, e.g. prompt logprobs)."""
+    states `x` [..., hidden] (for positions the forward did not compute logits for, e.g. prompt logprobs);
+    int8: the packed LM head, as the `int8` model computes its logits."""
     x = rms_norm(x, params["norm"]["scale"], cfg.rms_norm_eps, dtype)
+    if int8:
+        head = params["lm_head"]
+        return int8_matmul(x, head["qweight"], head["scale"], head["wsum"], cfg.vocab_size)
     weight = params["embed_tokens"]["embedding"].T if cfg.tie_word_embeddings else params["lm_head"]["kernel"]
     return jnp.dot(x, weight.astype(dtype), precision=jax.lax.Precision.HIGHEST).astype(jnp.float32)
 
 
-def _dense(features: int, bias: bool, dtype: Any, name: str) -> nn.Dense:
-    return nn.Dense(
-        features,
-        use_bias=bias,
-        dtype=dtype,
-        param_dtype=dtype,
-        kernel_init=nn.initializers.normal(0.02),
-        precision=jax.lax.Precision.HIGHEST,
-        name=name,
-    )
+class Linear(nn.Module):
+    """x @ kernel (+ bias), `nn.Dense`'s parameter names. With `int8` the weight is the packed int8 form
+    (`pallas_kernels.int8_matmul.pack`: qweight, scale, wsum) and the matmul is the CPU int8 custom call; the
+    runner picks per compiled program which of the two a step uses (both may be in the parameter tree)."""
+
+    features: int
+    use_bias: bool
+    dtype: Any
+    int8: bool = False
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        if self.int8:
+            shapes = PackedShapes(x.shape[-1], self.features)
+            qweight = self.param("qweight", nn.initializers.zeros, shapes.qweight, jnp.int8)
+            scale = self.param("scale", nn.initializers.ones, (shapes.padded_out,), jnp.float32)
+            wsum = self.param("wsum", nn.initializers.zeros, shapes.wsum, jnp.int32)
+            y = int8_matmul(x, qweight, scale, wsum, self.features).astype(self.dtype)
+        else:
+            kernel = self.param("kernel", nn.initializers.normal(0.02), (x.shape[-1], self.features), self.dtype)
+            y = jnp.dot(x.astype(self.dtype), kernel, precision=jax.lax.Precision.HIGHEST)
+        if self.use_bias:
+            y = y + self.param("bias", nn.initializers.zeros, (self.features,), self.dtype)
+        return y
+
+
+def _dense(features: int, bias: bool, dtype: Any, name: str, int8: bool = False) -> Linear:
+    return Linear(features, bias, dtype, int8, name=name)
 
 
 class Attention(nn.Module):
@@ -114,6 +137,7 @@ class Attention(nn.Module):
     cache_ops: Any
     fused_projections: bool = False
     shard_groups: int = 1  # the fused layout's interleaving (`fuse_projections(groups=...)`)
+    int8: bool = False  # the projections as CPU int8 matmuls (`Linear.int8`)
 
     @nn.compact
     def __call__(self, x, cos, sin, cache, layer, meta):
@@ -122,12 +146,13 @@ class Attention(nn.Module):
         q_dim, kv_dim = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
         if self.fused_projections:  # one matmul instead of three (see `fuse_projections`)
             g = self.shard_groups
-            qkv = _dense(q_dim + 2 * kv_dim, cfg.attention_bias, self.dtype, "qkv_proj")(x).reshape(b, t, g, -1)
+            qkv = _dense(q_dim + 2 * kv_dim, cfg.attention_bias, self.dtype, "qkv_proj", self.int8)(x)
+            qkv = qkv.reshape(b, t, g, -1)
             q, k, v = jnp.split(qkv, [q_dim // g, (q_dim + kv_dim) // g], axis=-1)
         else:
-            q = _dense(q_dim, cfg.attention_bias, self.dtype, "q_proj")(x)
-            k = _dense(kv_dim, cfg.attention_bias, self.dtype, "k_proj")(x)
-            v = _dense(kv_dim, cfg.attention_bias, self.dtype, "v_proj")(x)
+            q = _dense(q_dim, cfg.attention_bias, self.dtype, "q_proj", self.int8)(x)
+            k = _dense(kv_dim, cfg.attention_bias, self.dtype, "k_proj", self.int8)(x)
+            v = _dense(kv_dim, cfg.attention_bias, self.dtype, "v_proj", self.int8)(x)
         q = q.reshape(b, t, cfg.num_heads, cfg.head_dim)
         k = k.reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
         v = v.reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
@@ -138,7 +163,7 @@ class Attention(nn.Module):
         k = apply_rope(k, cos, sin)
         out, cache = self.cache_ops.update_and_attend(q, k, v, cache, layer, meta)
         out = out.reshape(b, t, cfg.num_heads * cfg.head_dim).astype(self.dtype)
-        return _dense(cfg.hidden_size, False, self.dtype, "o_proj")(out), cache
+        return _dense(cfg.hidden_size, False, self.dtype, "o_proj", self.int8)(out), cache
 
 
 class MLP(nn.Module):
@@ -146,18 +171,19 @@ class MLP(nn.Module):
     dtype: Any
     fused_projections: bool = False
     shard_groups: int = 1
+    int8: bool = False
 
     @nn.compact
     def __call__(self, x):
         if self.fused_projections:
             g, inter = self.shard_groups, self.cfg.intermediate_size
-            gate_up = _dense(2 * inter, False, self.dtype, "gate_up_proj")(x)
+            gate_up = _dense(2 * inter, False, self.dtype, "gate_up_proj", self.int8)(x)
             gate, up = jnp.split(gate_up.reshape(*x.shape[:-1], g, -1), 2, axis=-1)
             gate, up = gate.reshape(*x.shape[:-1], inter), up.reshape(*x.shape[:-1], inter)
         else:
-            gate = _dense(self.cfg.intermediate_size, False, self.dtype, "gate_proj")(x)
-            up = _dense(self.cfg.intermediate_size, False, self.dtype, "up_proj")(x)
-        return _dense(self.cfg.hidden_size, False, self.dtype, "down_proj")(nn.silu(gate) * up)
+            gate = _dense(self.cfg.intermediate_size, False, self.dtype, "gate_proj", self.int8)(x)
+            up = _dense(self.cfg.intermediate_size, False, self.dtype, "up_proj", self.int8)(x)
+        return _dense(self.cfg.hidden_size, False, self.dtype, "down_proj", self.int8)(nn.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):
@@ -168,18 +194,19 @@ class DecoderLayer(nn.Module):
     cache_ops: Any
     fused_projections: bool = False
     shard_groups: int = 1
+    int8: bool = False
 
     @nn.compact
     def __call__(self, carry, cos, sin, meta):
         x, cache, layer = carry
         h = RMSNorm(self.cfg.rms_norm_eps, self.dtype, name="input_layernorm")(x)
         attn_out, cache = Attention(self.cfg, self.dtype, self.cache_ops, self.fused_projections, self.shard_groups,
-                                   name="self_attn")(
+                                   self.int8, name="self_attn")(
             h, cos, sin, cache, layer, meta
         )
         x = x + attn_out
         h = RMSNorm(self.cfg.rms_norm_eps, self.dtype, name="post_attention_layernorm")(x)
-        x = x + MLP(self.cfg, self.dtype, self.fused_projections, self.shard_groups, name="mlp")(h)
+        x = x + MLP(self.cfg, self.dtype, self.fused_projections, self.shard_groups, self.int8, name="mlp")(h)
         return (x, cache, layer + 1), None
 
 
@@ -199,6 +226,9 @@ class LlamaModel(nn.Module):
     # (embedding table, ids) -> embeddings in place of the plain lookup (tensor parallelism:
     # `sharding.ShardedEmbedding`); None: `nn.Embed`'s own.
     embed_lookup: Any = None
+    # True: every projection and the LM head as CPU int8 matmuls (`Linear.int8`; the tree holds their packed
+    # weights, `quantize_int8`); with tied embeddings the packed LM head is its own `lm_head` entry.
+    int8: bool = False
 
     @nn.compact
     def __call__(self, tokens, positions, cache, meta, logits_index=None, hidden_row=None):
@@ -224,12 +254,12 @@ class LlamaModel(nn.Module):
                 split_rngs={"params": True},
                 in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
                 length=cfg.num_layers,
-            )(cfg, self.dtype, self.cache_ops, self.fused_projections, self.shard_groups, name="layers")
+            )(cfg, self.dtype, self.cache_ops, self.fused_projections, self.shard_groups, self.int8, name="layers")
             (x, cache, _), _ = layers((x, cache, jnp.int32(0)), cos, sin, meta)
         else:
             for i in range(cfg.num_layers):
                 layer = DecoderLayer(cfg, self.dtype, self.cache_ops, self.fused_projections, self.shard_groups,
-                                     name=f"layers_{i}")
+                                     self.int8, name=f"layers_{i}")
                 (x, cache, _), _ = layer((x, cache, jnp.int32(i)), cos, sin, meta)
         row_hidden = None
         if hidden_row is not None:
@@ -237,10 +267,10 @@ class LlamaModel(nn.Module):
         if logits_index is not None:
             x = jnp.take_along_axis(x, logits_index[:, None, None].astype(jnp.int32), axis=1)[:, 0]
         x = RMSNorm(cfg.rms_norm_eps, self.dtype, name="norm")(x)
-        if cfg.tie_word_embeddings:
+        if cfg.tie_word_embeddings and not self.int8:
             logits = jnp.dot(x, embed.embedding.T, precision=jax.lax.Precision.HIGHEST)
         else:
-            logits = _dense(cfg.vocab_size, False, self.dtype, "lm_head")(x)
+            logits = _dense(cfg.vocab_size, False, self.dtype, "lm_head", self.int8)(x)
         if row_hidden is not None:
             return logits.astype(jnp.float32), cache, row_hidden
         return logits.astype(jnp.float32), cache
@@ -287,6 +317,42 @@ def fuse_projections(params: dict[str, Any], groups: int = 1) -> dict[str, Any]:
         return {**layer, "self_attn": attn, "mlp": mlp}
 
     return {k: fuse_layer(v) if k == "layers" or k.startswith("layers_") else v for k, v in params.items()}
+
+
+def quantize_int8(params: dict[str, Any], cfg: ModelConfig, keep_float: bool) -> dict[str, Any]:
+    """Add the packed int8 form (`pallas_kernels.int8_matmul.pack`) beside every projection kernel and the LM
+    head (from the embedding when tied) for the `int8` model; keep_float=False drops the float kernels (no
+    program will use them; the embedding stays, for the lookup). Reads the weights (host, device or
+    `Deferred`) one tensor at a time; stacked layers are packed per layer."""
+
+    def packed(w: Any) -> dict[str, np.ndarray]:
+        w = np.asarray(materialize(w), np.float32)
+        if w.ndim == 2:
+            return pack(w)
+        parts = [pack(layer) for layer in w]
+        return {key: np.stack([p[key] for p in parts]) for key in parts[0]}
+
+    def walk(tree: dict[str, Any], name: str) -> dict[str, Any]:
+        out = {}
+        for key, value in tree.items():
+            if key == "kernel" and name in _PROJECTIONS:
+                out.update(packed(value))
+                if keep_float:
+                    out[key] = value
+            elif isinstance(value, dict):
+                out[key] = walk(value, key)
+            else:
+                out[key] = value
+        return out
+
+    out = walk(params, "")
+    if cfg.tie_word_embeddings:
+        out["lm_head"] = pack(np.asarray(materialize(params["embed_tokens"]["embedding"]), np.float32).T)
+    return out
+
+
+_PROJECTIONS = frozenset({"q_proj", "k_proj", "v_proj", "qkv_proj", "o_proj", "gate_proj", "up_proj",
+                          "gate_up_proj", "down_proj", "lm_head"})
 
 
 def dtype_of(name: str) -> Any:

@@ -147,6 +147,8 @@ def param_spec(path: Sequence[str], ndim: int, shard_vocab: bool) -> P:
     """The PartitionSpec of one parameter from its tree path (module names, then the leaf name)."""
     module, leaf = (path[-2] if len(path) > 1 else ""), path[-1]
     trailing: tuple[Any, ...] = ()
+    if leaf in ("qweight", "scale", "wsum"):  # the CPU int8 form (`llama.quantize_int8`): one device only
+        return P()
     if module in _COLUMN:
         trailing = (None, TENSOR) if leaf == "kernel" else (TENSOR,)
     elif module in _ROW and leaf == "kernel":
