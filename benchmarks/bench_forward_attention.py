@@ -1,6 +1,6 @@
 """The model forward with each pure-JAX attention backend, against the same forward with attention removed.
 
-    python benchmarks/bench_forward_attention.py [--model PATH] [--shapes 32x1x16 1x256x32] [--rounds 8]
+    python benchmarks/bench_forward_attention.py [--model PATH] [--shapes 32x1x16 1x256x32] [--rounds 8] [--int8]
 
 Shapes are rows x tokens x pages-per-row (page size 16; decode rows sit at position 200, prefill rows
 start at 0). The variants are timed round-robin in one process (min of `--rounds`), so a busy or
@@ -22,8 +22,11 @@ from jaxserve.engine.attention import PagedCacheOps, PagedMeta
 from jaxserve.engine.host_memory import keep_freed_memory_in_heap
 from jaxserve.engine.kv_cache import init_paged_cache
 from jaxserve.models.forward import make_forward
-from jaxserve.models.llama import fuse_projections, unstack_layers
+from jaxserve.config import cache_dir
+from jaxserve.models.llama import fuse_projections, quantize_int8, unstack_layers
 from jaxserve.models.loader import load_params, read_model_config, resolve_model_dir
+from pallas_kernels.int8_matmul import load_kernel
+from pallas_kernels.paged_attention_cpu import load_kernel as load_attention_kernel, paged_attention_cpu
 from pallas_kernels.reference import paged_attention_reference
 from pallas_kernels.xla_attention import paged_attention_xla
 
@@ -44,6 +47,7 @@ def main() -> None:
     ap.add_argument("--model", default=None)
     ap.add_argument("--shapes", nargs="+", default=["32x1x16", "1x256x32"])
     ap.add_argument("--rounds", type=int, default=8)
+    ap.add_argument("--int8", action="store_true", help="also each variant with the CPU int8 matmuls")
     args = ap.parse_args()
     keep_freed_memory_in_heap()
     path = resolve_model_dir(args.model)
@@ -54,6 +58,14 @@ def main() -> None:
     scale = cfg.head_dim**-0.5
     variants = {"no_attention": NoAttention(), "reference": PagedCacheOps(paged_attention_reference, scale),
                 "xla": PagedCacheOps(paged_attention_xla, scale)}
+    if jax.devices()[0].platform == "cpu":
+        load_attention_kernel(cache_dir() / "kernels")
+        variants["cpu"] = PagedCacheOps(paged_attention_cpu, scale)
+    int8_params = None
+    if args.int8:
+        load_kernel(cache_dir() / "kernels")
+        int8_params = jax.device_put(quantize_int8(params, cfg, keep_float=False))
+        variants |= {f"{name} int8": ops for name, ops in variants.items() if name != "reference"}
     results = []
     for spec in args.shapes:
         rows, tokens, width = (int(x) for x in spec.split("x"))
@@ -66,11 +78,13 @@ def main() -> None:
                          jnp.asarray(np.take_along_axis(table, pos // PAGE, axis=1)), jnp.asarray(pos % PAGE))
         runs = {}
         for name, ops in variants.items():
-            fwd = jax.jit(make_forward(cfg, "float32", ops, scan_layers=scan, fused_projections=True), donate_argnums=(3,))
+            int8 = name.endswith(" int8")
+            fwd = jax.jit(make_forward(cfg, "float32", ops, scan_layers=scan, fused_projections=True, int8=int8),
+                          donate_argnums=(3,))
             state = {"cache": init_paged_cache(cfg, NUM_PAGES, PAGE, jnp.float32)}
 
-            def run(fwd=fwd, state=state):
-                logits, state["cache"] = fwd(params, jnp.full((rows, tokens), 5, jnp.int32), jnp.asarray(pos),
+            def run(fwd=fwd, state=state, p=int8_params if int8 else params):
+                logits, state["cache"] = fwd(p, jnp.full((rows, tokens), 5, jnp.int32), jnp.asarray(pos),
                                              state["cache"], meta, jnp.full((rows,), tokens - 1, jnp.int32))
                 logits.block_until_ready()
 

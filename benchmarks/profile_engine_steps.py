@@ -40,24 +40,27 @@ def main() -> None:
     warm_s = engine.warmup()
     runner = engine.runner
     timings: dict[str, list[float]] = defaultdict(list)
-    forward, sample = runner._forward, runner._sample
+    program = runner._program
+    print(runner.matmul_plan.reason, flush=True)
 
-    def timed_forward(*a):
-        t0 = time.perf_counter()
-        out = forward(*a)
-        jax.block_until_ready(out[0])
-        inp = a[-1]
-        timings[f"forward rows x tokens x pages {inp.tokens.shape[0]}x{inp.tokens.shape[1]}x{inp.meta.page_table.shape[1]}"].append(time.perf_counter() - t0)
-        return out
+    def timed_program(kind: str, shape: tuple[int, ...]):
+        # Every step program comes from runner._program (ready executables): time each call to completion.
+        compiled = program(kind, shape)
+        name = {"forward": "forward rows x tokens x pages", "sample": "sampler rows"}.get(kind, kind)
+        name = f"{name} {'x'.join(map(str, shape))}"
+        if kind == "forward" and runner.matmul_plan.int8_for(shape[0] * shape[1]):
+            name += " (int8)"
 
-    def timed_sample(*a):
-        t0 = time.perf_counter()
-        out = sample(*a)
-        jax.block_until_ready(out[0].tokens)
-        timings[f"sampler rows {a[0].shape[0]}"].append(time.perf_counter() - t0)
-        return out
+        def call(*a):
+            t0 = time.perf_counter()
+            out = compiled(*a)
+            jax.block_until_ready(out)
+            timings[name].append(time.perf_counter() - t0)
+            return out
 
-    runner._forward, runner._sample = timed_forward, timed_sample
+        return call
+
+    runner._program = timed_program
     schema = Constraint("json_schema", args.json_schema) if args.json_schema else None
     runs = []
     for run in range(args.runs):

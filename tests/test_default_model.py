@@ -53,8 +53,8 @@ def mean(values):
 Q: How many minutes are there in three and a half hours?
 A: Three hours are 180 minutes and half an hour is 30 minutes, so three and a half hours are 210 minutes."""
 
-# Perplexity of QUALITY_TEXT under int8 matmuls may exceed float32's by at most this fraction (measured on
-# AMD EPYC (Zen 4) at the change: see docs/benchmarks.md "int8 quality").
+# Perplexity of QUALITY_TEXT under int8 matmuls may exceed float32's by at most this fraction (measured at
+# the change, AMD EPYC Zen 3, AVX2 kernel: 19.52 -> 19.85, +1.7%; docs/benchmarks.md, issue 17).
 INT8_PERPLEXITY_BOUND = 0.03
 
 
