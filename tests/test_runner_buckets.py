@@ -32,6 +32,13 @@ def test_kernels_keep_one_prefill_width():
     assert b.prefill_shape(1, 100, 3)[2] == 512
 
 
+def test_cpu_buckets_one_decode_width_and_small_samplers():
+    b = Buckets.make(64, 128, 256, 256, one_decode_width=True, small_samplers=True)
+    assert b.page_widths == (128,) and b.decode_shape(3, 5) == (4, 128)
+    assert b.sample_rows[:4] == (1, 2, 4, 8)  # one stream samples one row, not eight
+    assert Buckets.make(64, 128, 256, 256).sample_rows[0] == 8
+
+
 @pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="glibc only")
 def test_host_malloc_tuning_applies_on_glibc():
     assert keep_freed_memory_in_heap() is True

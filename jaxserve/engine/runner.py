@@ -65,13 +65,16 @@ class Buckets:
 
     @classmethod
     def make(cls, max_running: int, max_pages_per_row: int, prefill_budget: int, max_chunk: int,
-             short_prefill_width: bool = False, one_decode_width: bool = False) -> "Buckets":
+             short_prefill_width: bool = False, one_decode_width: bool = False,
+             small_samplers: bool = False) -> "Buckets":
         """`short_prefill_width`: prefill steps get a short page-table width (the smallest decode width) besides
         the full one, for attention backends whose cost grows with the width (the XLA formulations attend over
         every page-table slot; the kernels skip the pages past each row's length, so for them one full width
         suffices). Only two widths: prefill programs are the slowest to compile, and on CPU every one of them
         is paid at start-up. `one_decode_width`: decode steps too get the full width only (the CPU kernel's
-        cost does not depend on it at all), a third of the programs to compile."""
+        cost does not depend on it at all), a third of the programs to compile. `small_samplers`: sampler
+        buckets of 1, 2 and 4 rows too (on the CPU a sampler row costs ~0.7 ms: padding one stream to 8 rows
+        was a quarter of its time per token)."""
         widths = _pow2_upto(max_pages_per_row, start=min(16, max_pages_per_row))
         if one_decode_width:
             widths = [max_pages_per_row]
@@ -94,8 +97,9 @@ class Buckets:
         shapes = sorted(shapes, key=lambda s: (s[1], s[0]))
         max_rows = max(max_running, max(r for r, _ in shapes))
         # The sampler makes several full-vocabulary passes per row, so padding 32 rows to 64 costs as much as
-        # the extra compile of a 32-row bucket: a x2 ladder from 8 rows.
-        sample_rows = sorted({min(r, max_rows) for r in (8, 16, 32, 64, 128, 256)} | {max_rows})
+        # the extra compile of a 32-row bucket: a x2 ladder from 8 rows (from 1 with small_samplers).
+        ladder = (1, 2, 4) * small_samplers + (8, 16, 32, 64, 128, 256)
+        sample_rows = sorted({min(r, max_rows) for r in ladder} | {max_rows})
         return cls(tuple(_pow2_upto(max_running)), tuple(sample_rows), tuple(widths), tuple(shapes),
                    tuple(prefill_widths))
 
@@ -305,7 +309,7 @@ class ModelRunner:
         self.buckets = Buckets.make(
             engine_config.max_running_requests, self.max_pages_per_row, engine_config.max_num_batched_tokens, max_chunk,
             short_prefill_width=self.attention_name in ("xla", "reference"),
-            one_decode_width=self.attention_name == "cpu",
+            one_decode_width=self.attention_name == "cpu", small_samplers=self.platform == "cpu",
         )
         # float32 or int8 matmuls, per step row count (engine/matmul_plan.py); int8 steps read packed weights.
         self.matmul_plan = plan_matmuls(engine_config.quantization, self.platform, model_config,
