@@ -115,12 +115,13 @@ def select_attention(backend: str, platform: str, *, interpret: bool = False,
     if backend == "xla":
         return paged_attention_xla, "xla"
     if backend == "cpu" or (backend == "auto" and platform == "cpu"):
+        from jaxserve.config import cache_dir
         from pallas_kernels.paged_attention_cpu import KernelUnavailable, load_kernel, paged_attention_cpu
 
         if platform != "cpu":
             raise ValueError(f"the cpu attention backend is a kernel for XLA:CPU (platform is {platform})")
         try:
-            load_kernel(build_dir or Path.home() / ".cache" / "jaxserve" / "kernels")
+            load_kernel(build_dir or cache_dir() / "kernels")
         except KernelUnavailable as e:
             if backend == "cpu":
                 raise ValueError(f"--attention-backend cpu: the kernel is unavailable: {e}") from e

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxserve.config import ModelConfig
+from jaxserve.config import ModelConfig, cache_dir as default_cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +109,7 @@ def plan_matmuls(mode: str, platform: str, cfg: ModelConfig, row_counts: list[in
         return MatmulPlan(frozenset(), f"float matmuls ({platform}{f', tp {tp}' if tp > 1 else ''})")
     from pallas_kernels.int8_matmul import KernelUnavailable, load_kernel
 
-    build_dir = (cache_dir or Path.home() / ".cache" / "jaxserve") / "kernels"
+    build_dir = (cache_dir or default_cache_dir()) / "kernels"
     try:
         isa = load_kernel(build_dir)
     except KernelUnavailable as e:
