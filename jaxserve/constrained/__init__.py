@@ -9,6 +9,7 @@ Modules (host side is NumPy; only `tables` touches JAX):
   token_table.py   TokenTable (mask, next states, forced tokens) and sample walks
   budget.py        CompileBudget (time + memory-proportional limits), BudgetMeter, ConstraintTooComplex
   compiler.py      compile_constraint + ConstraintCompiler (thread-safe LRU cache bounded in bytes)
+  gc_pause.py      the cyclic garbage collector paused during compiles (counted across threads)
   service.py       ConstraintService: constraint -> Grammar for the engine (own pool, byte-bounded cache)
   grammar.py       Grammar: closing rows that finish within max_tokens, token classes for the device advance
   tables.py        GrammarPool (device mask rows + transition tables), apply_token_mask, the device advance

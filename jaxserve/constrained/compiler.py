@@ -14,6 +14,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 from jaxserve.constrained.budget import BudgetMeter, CompileBudget, ConstraintTooComplex
+from jaxserve.constrained.gc_pause import gc_paused
 from jaxserve.constrained.json_schema import JsonSchemaOptions, json_object_regex, json_schema_to_regex
 from jaxserve.constrained.regex_dfa import compile_dfa
 from jaxserve.constrained.regex_parser import parse_regex
@@ -64,15 +65,16 @@ def compile_constraint(kind: str, spec, vocab: VocabInfo, options: CompilerOptio
 
     Raises ValueError (ConstraintTooComplex past the budget)."""
     meter = BudgetMeter(options.effective_budget()) if meter is None else meter
-    try:
-        regex = constraint_regex(kind, spec, options, meter)
-        dfa = compile_dfa(parse_regex(regex, meter=meter), meter=meter)
-        meter.require("max_table_states", dfa.num_states)
-        return build_token_table(dfa, vocab, key=cache_key(kind, spec, vocab), meter=meter)
-    except RecursionError:  # deep IR trees recurse in the NFA builder and the size estimate
-        raise ConstraintTooComplex("nesting depth", "constraint nested too deeply") from None
-    except MemoryError:  # a process memory limit hit despite the budget: still the client's constraint
-        raise ConstraintTooComplex("memory", "out of memory while compiling") from None
+    with gc_paused():
+        try:
+            regex = constraint_regex(kind, spec, options, meter)
+            dfa = compile_dfa(parse_regex(regex, meter=meter), meter=meter)
+            meter.require("max_table_states", dfa.num_states)
+            return build_token_table(dfa, vocab, key=cache_key(kind, spec, vocab), meter=meter)
+        except RecursionError:  # deep IR trees recurse in the NFA builder and the size estimate
+            raise ConstraintTooComplex("nesting depth", "constraint nested too deeply") from None
+        except MemoryError:  # a process memory limit hit despite the budget: still the client's constraint
+            raise ConstraintTooComplex("memory", "out of memory while compiling") from None
 
 
 def cache_key(kind: str, spec, vocab: VocabInfo) -> tuple:
