@@ -129,6 +129,53 @@ def test_too_complex_is_a_value_error_naming_the_budget():
         CompileBudget(max_seconds=0)
 
 
+
+def test_gc_pause_is_counted_across_threads_and_restores_the_collector():
+    import gc
+
+    from jaxserve.constrained.gc_pause import gc_paused
+
+    assert gc.isenabled()
+    first_in, second_in, first_out = threading.Event(), threading.Event(), threading.Event()
+    seen = {}
+
+    def first():
+        with gc_paused():
+            first_in.set()
+            second_in.wait(5)
+        first_out.set()
+
+    t = threading.Thread(target=first)
+    t.start()
+    first_in.wait(5)
+    with gc_paused():
+        second_in.set()
+        first_out.wait(5)
+        seen["after first left"] = gc.isenabled()  # the second compile still runs: still off
+    t.join(5)
+    assert seen == {"after first left": False}
+    assert gc.isenabled()
+    # A collector the application turned off stays off.
+    gc.disable()
+    try:
+        with gc_paused():
+            pass
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
+    # Compiles pause it (a failing one too).
+    from jaxserve.constrained import compiler as compiler_mod
+
+    states = []
+    orig = compiler_mod.constraint_regex
+    compiler_mod.constraint_regex = lambda *a, **k: (states.append(gc.isenabled()), orig(*a, **k))[1]
+    try:
+        with pytest.raises(ValueError):
+            compile_constraint("regex", "(", VocabInfo.from_token_bytes([b"a", None], eos_token_ids=[1]))
+    finally:
+        compiler_mod.constraint_regex = orig
+    assert states == [False] and gc.isenabled()
+
 # ---------------------------------------------------------------- ConstraintService (tiny vocabulary)
 
 def _tiny_tokens() -> list[bytes | None]:
