@@ -235,7 +235,7 @@ async def serve(config: ServerConfig) -> int:
     failures: list[BaseException] = []
     server: uvicorn.Server | None = None
     channel = None  # multi-host: host 0 publishes its device operations to the other hosts
-    from jaxserve.startup import StartupProgress
+    from jaxserve.startup import StartupProgress, freeze_startup_heap
 
     progress = StartupProgress(on_status=lambda text: setattr(app.state.jaxserve, "startup_progress", text))
 
@@ -256,6 +256,7 @@ async def serve(config: ServerConfig) -> int:
         t1 = time.perf_counter()
         progress.phase(f"model loaded in {t1 - t0:.1f} s; preparing the programs a first request needs")
         await engine.start(progress)
+        freeze_startup_heap()
         programs = engine.program_sets
         background = sum(p.background_running for p in programs)
         progress.phase(

@@ -78,3 +78,14 @@ class StartupProgress:
             else:
                 log.info("program %d/%d: %s %s in %.2f s (ETA %s)", event.index, event.total, what, how,
                          event.seconds, _fmt_s(eta))
+
+
+def freeze_startup_heap() -> None:
+    """Move everything start-up allocated (modules, tokenizer, model config, traced programs: ~415k tracked
+    objects with the default model) out of the cyclic collector's reach, as vLLM does after start-up. A full
+    collection walks every tracked object: over that heap one took 0.59 s on a 2-core EPYC, a stall of every
+    stream whenever serving's own allocations trigger one. Garbage made later is collected as before."""
+    import gc
+
+    gc.collect()
+    gc.freeze()

@@ -138,3 +138,17 @@ def test_sigterm_while_buckets_compile_in_the_background_exits_cleanly(tiny_mode
     assert server.stop() == 0, (tmp_path / "server.log").read_text()[-3000:]
     log = (tmp_path / "server.log").read_text()
     assert "compile in the background" in log and "terminate called" not in log
+
+
+def test_startup_heap_is_frozen_out_of_the_collector():
+    import gc
+
+    from jaxserve.startup import freeze_startup_heap
+
+    before = gc.get_freeze_count()
+    try:
+        freeze_startup_heap()
+        assert gc.get_freeze_count() > max(before, 1000)  # the test process's modules at least
+        assert gc.isenabled()  # later garbage is still collected
+    finally:
+        gc.unfreeze()
