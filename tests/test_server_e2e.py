@@ -189,6 +189,17 @@ def test_chat_greedy_reply_and_usage(client):
     assert again.choices[0].message.content == choice.message.content
 
 
+
+def test_without_max_tokens_a_reply_may_fill_the_context(http):
+    """As vLLM and OpenAI: no max_tokens (chat, or completions' default of 16 aside) means up to the context's
+    room. (tests/test_schemathesis.py gives its valid bodies a small max_tokens; this is the absent case.)"""
+    body = {"model": MODEL, "messages": USER, "temperature": 0, "ignore_eos": True}
+    r = http.post("/v1/chat/completions", json=body)
+    assert r.status_code == 200, r.text[:300]
+    usage, choice = r.json()["usage"], r.json()["choices"][0]
+    assert choice["finish_reason"] == "length"
+    assert usage["prompt_tokens"] + usage["completion_tokens"] == MAX_MODEL_LEN
+
 def test_streamed_text_equals_non_streamed(client, http):
     body = {"model": MODEL, "messages": USER, "temperature": 0, "max_tokens": 12, "ignore_eos": True}
     whole = http.post("/v1/chat/completions", json=body).json()
