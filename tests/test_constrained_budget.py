@@ -306,3 +306,26 @@ def test_compiler_cache_is_bounded_by_bytes(vocab):
     assert len(compiler) == 1 and compiler.cache_nbytes <= one * 1.5
     compiler.compile("regex", "[a-c]{2}x", vocab)
     assert compiler.misses == 3 and compiler.hits == 0
+
+
+def test_overlapping_compiles_do_not_keep_garbage_waiting_past_the_bound(monkeypatch):
+    import gc
+
+    from jaxserve.constrained.gc_pause import _GcPauses
+
+    now = [0.0]
+    pauses = _GcPauses(max_pause_s=10.0, clock=lambda: now[0])
+    collected = []
+    monkeypatch.setattr(gc, "collect", lambda *a: collected.append(now[0]) or 0)
+    outer = pauses.paused()
+    outer.__enter__()
+    try:
+        for t in (4.0, 8.0, 12.0, 16.0, 24.0):  # compiles ending one after another while `outer` runs
+            now[0] = t
+            with pauses.paused():
+                assert not gc.isenabled()
+        assert collected == [12.0, 24.0]  # once the collector had been off for over 10 s, then again
+        assert not gc.isenabled()
+    finally:
+        outer.__exit__(None, None, None)
+    assert gc.isenabled()
