@@ -130,7 +130,7 @@ def test_too_complex_is_a_value_error_naming_the_budget():
 
 
 
-def test_gc_pause_is_counted_across_threads_and_restores_the_collector():
+def test_gc_pause_is_counted_across_threads_and_restores_the_collector(monkeypatch):
     import gc
 
     from jaxserve.constrained.gc_pause import gc_paused
@@ -168,12 +168,10 @@ def test_gc_pause_is_counted_across_threads_and_restores_the_collector():
 
     states = []
     orig = compiler_mod.constraint_regex
-    compiler_mod.constraint_regex = lambda *a, **k: (states.append(gc.isenabled()), orig(*a, **k))[1]
-    try:
-        with pytest.raises(ValueError):
-            compile_constraint("regex", "(", VocabInfo.from_token_bytes([b"a", None], eos_token_ids=[1]))
-    finally:
-        compiler_mod.constraint_regex = orig
+    monkeypatch.setattr(compiler_mod, "constraint_regex",
+                        lambda *a, **k: (states.append(gc.isenabled()), orig(*a, **k))[1])
+    with pytest.raises(ValueError):
+        compile_constraint("regex", "(", VocabInfo.from_token_bytes([b"a", None], eos_token_ids=[1]))
     assert states == [False] and gc.isenabled()
 
 # ---------------------------------------------------------------- ConstraintService (tiny vocabulary)
