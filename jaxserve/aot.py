@@ -24,7 +24,6 @@ import math
 import os
 import sys
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -382,51 +381,33 @@ def _compiled(p: Program, seconds: float, compiled) -> Compiled:
                     int(mem.alias_size_in_bytes), int(mem.temp_size_in_bytes), flops, nbytes)
 
 
-def compile_programs(programs: list[Program], mesh, *, jobs: int | None = None,
+def compile_programs(programs: list[Program], mesh,
                      progress: Callable[[Compiled], None] | None = None) -> list[Compiled]:
-    """Compile each program for the mesh's target; results (and `progress` calls) in the programs' order.
+    """Compile each program for the mesh's target, one after another; results (and `progress` calls) in the
+    programs' order. A program the lowering or the target's compiler rejects is reported, never hidden.
 
-    Lowering traces Python and holds the GIL, so it runs here one program after another; the target's
-    compiler releases the GIL, so up to `jobs` compiles (default: one per CPU) run at once. On a 2-core CPU two
-    at a time took 40 s instead of 55 s for SmolLM2's 19 programs on v5e (one compile already keeps ~1.5
-    cores busy); a larger host gains more. A compile's `compile_s` is its own lowering plus compile wall time."""
+    One at a time on purpose: two deviceless compiles on threads at once crashed the process (SIGSEGV inside
+    backend_compile_and_load, CI on a 2-core AMD EPYC, cold caches), which no speed-up is worth."""
     import jax
 
-    if jobs is not None and jobs < 1:
-        raise ValueError(f"jobs must be at least 1, got {jobs}")
-    jobs = max(1, min(jobs or os.cpu_count() or 1, len(programs)))
     # A compile-only target's executables cannot be serialized into (or read back from) the persistent cache
-    # of this host's CPU backend: leave it out of these compiles (set once: compiles run on several threads).
+    # of this host's CPU backend: leave it out of these compiles.
     cache_was = jax.config.jax_enable_compilation_cache
     jax.config.update("jax_enable_compilation_cache", False)
-
-    def compile_one(p: Program, lowered, lower_s: float) -> Compiled:
-        t0 = time.perf_counter()
-        try:
-            with jax.set_mesh(mesh):
-                compiled = lowered.compile()
-        except Exception as e:
-            return _rejected(p, lower_s + time.perf_counter() - t0, e)
-        return _compiled(p, lower_s + time.perf_counter() - t0, compiled)
-
+    results = []
     try:
-        with ThreadPoolExecutor(jobs, thread_name_prefix="aot-compile") as pool:
-            pending = []
-            for p in programs:
-                t0 = time.perf_counter()
-                try:
-                    with jax.set_mesh(mesh):  # Pallas asks the mesh's devices for the chip kind while lowering
-                        lowered = p.fn.lower(*p.args)
-                except Exception as e:
-                    pending.append(_rejected(p, time.perf_counter() - t0, e))
-                    continue
-                pending.append(pool.submit(compile_one, p, lowered, time.perf_counter() - t0))
-            results = []
-            for item in pending:
-                r = item.result() if isinstance(item, Future) else item
-                results.append(r)
-                if progress:
-                    progress(r)
+        for p in programs:
+            t0 = time.perf_counter()
+            try:
+                with jax.set_mesh(mesh):  # Pallas asks the mesh's devices for the chip kind while lowering
+                    compiled = p.fn.lower(*p.args).compile()
+            except Exception as e:
+                r = _rejected(p, time.perf_counter() - t0, e)
+            else:
+                r = _compiled(p, time.perf_counter() - t0, compiled)
+            results.append(r)
+            if progress:
+                progress(r)
     finally:
         jax.config.update("jax_enable_compilation_cache", cache_was)
     return results
@@ -500,10 +481,9 @@ def roofline(cfg, chip: Chip, results: list[Compiled], shape: EngineShape, batch
 
 def run_aot(model: str, target_name: str, *, kv_memory_fraction: float = 0.85, kinds: set[str] | None = None,
             progress: Callable[[Compiled], None] | None = None, programs_filter: Callable[[Program], bool] | None = None,
-            cfg=None, attend: Callable | None = None, tp_size: int | None = None, jobs: int | None = None,
-            **engine_kw) -> Report:
+            cfg=None, attend: Callable | None = None, tp_size: int | None = None, **engine_kw) -> Report:
     """Compile the engine's programs of `model` (a bundled config name or path; or pass `cfg`) for the target,
-    split over `tp_size` of its chips (default: all of them), `jobs` compiles at a time (default: one per CPU)."""
+    split over `tp_size` of its chips (default: all of them)."""
     target = parse_target(target_name)
     cfg = cfg if cfg is not None else load_model_config(model)
     tp = target.num_chips if tp_size is None else tp_size
@@ -526,7 +506,7 @@ def run_aot(model: str, target_name: str, *, kv_memory_fraction: float = 0.85, k
     mesh = make_mesh(target_devices(target)[:tp])
     programs = [p for p in engine_programs(cfg, shape, target.platform, mesh, attend=attend)
                 if (kinds is None or p.kind in kinds) and (programs_filter is None or programs_filter(p))]
-    report.results.extend(compile_programs(programs, mesh, jobs=jobs, progress=progress))
+    report.results.extend(compile_programs(programs, mesh, progress=progress))
     report.roofline = roofline(cfg, target.chip, report.results, shape)
     return report
 
@@ -563,13 +543,6 @@ def summary(report: Report) -> dict:
     }
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m jaxserve.aot", description=__doc__.split("\n\n")[0])
     ap.add_argument("--model-config", default="llama-3.1-8b",
@@ -584,7 +557,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-running-requests", type=int, default=None)
     ap.add_argument("--max-num-batched-tokens", type=int, default=None)
     ap.add_argument("--page-size", type=int, default=16)
-    ap.add_argument("--jobs", type=_positive_int, default=None, help="programs compiled at once (default: one per CPU)")
     ap.add_argument("--only", default=None, help="comma-separated program kinds: forward-decode, forward-prefill, "
                                                  "sampler, copy-pages, fork-slots")
     args = ap.parse_args(argv)
@@ -604,7 +576,7 @@ def main(argv: list[str] | None = None) -> int:
                      kinds=set(args.only.split(",")) if args.only else None, progress=show,
                      max_model_len=args.max_model_len, max_running_requests=args.max_running_requests,
                      max_num_batched_tokens=args.max_num_batched_tokens, page_size=args.page_size,
-                     tp_size=args.tp_size, jobs=args.jobs)
+                     tp_size=args.tp_size)
     s = summary(report)
     for note in report.notes:
         print(f"note: {note}")
