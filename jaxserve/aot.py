@@ -389,11 +389,15 @@ def compile_programs(programs: list[Program], mesh,
     One at a time on purpose: two deviceless compiles on threads at once crashed the process (SIGSEGV inside
     backend_compile_and_load, CI on a 2-core AMD EPYC, cold caches), which no speed-up is worth."""
     import jax
+    from jax.experimental.compilation_cache import compilation_cache
 
     # A compile-only target's executables cannot be serialized into (or read back from) the persistent cache
-    # of this host's CPU backend: leave it out of these compiles.
+    # of this host's CPU backend: leave it out of these compiles. JAX decides once per process whether the
+    # cache is used, so the switch only takes effect with a reset (without it, a process that had compiled
+    # anything before tried to read and write deviceless executables there).
     cache_was = jax.config.jax_enable_compilation_cache
     jax.config.update("jax_enable_compilation_cache", False)
+    compilation_cache.reset_cache()
     results = []
     try:
         for p in programs:
@@ -410,6 +414,7 @@ def compile_programs(programs: list[Program], mesh,
                 progress(r)
     finally:
         jax.config.update("jax_enable_compilation_cache", cache_was)
+        compilation_cache.reset_cache()
     return results
 
 

@@ -213,3 +213,37 @@ def test_programs_compile_in_order_and_rejections_are_reported():
     assert [r.error is None for r in results] == [True, True, False, True, True]
     assert "TypeError" in results[2].error
     assert all(r.output_bytes == 8 * 8 * 4 for r in results if r.error is None)
+
+
+def test_compiles_stay_out_of_the_persistent_cache_even_after_it_was_used(tmp_path):
+    # JAX decides once per process whether its persistent cache is used; compile_programs must still keep the
+    # target's executables out of it (a deviceless one cannot be read back) and leave the cache working after.
+    import jax
+    import jax.numpy as jnp
+    from jax.experimental.compilation_cache import compilation_cache
+
+    from jaxserve.aot import Program, compile_programs
+    from jaxserve.models.sharding import make_mesh
+
+    settings = {"jax_compilation_cache_dir": str(tmp_path), "jax_persistent_cache_min_compile_time_secs": 0.0,
+                "jax_enable_compilation_cache": True}
+    saved = {k: getattr(jax.config, k) for k in settings}
+    entries = lambda: sorted(p.name for p in tmp_path.iterdir())
+    try:
+        for k, v in settings.items():
+            jax.config.update(k, v)
+        compilation_cache.reset_cache()
+        jax.jit(lambda a: a * 3.0 + 1.0).lower(jnp.ones(7)).compile()  # the process now uses the cache
+        before = entries()
+        assert before, "the first compile should have written a cache entry"
+        x = jax.ShapeDtypeStruct((5, 9), jnp.float32)
+        program = Program("p", "forward-decode", jax.jit(lambda a: jnp.sin(a) @ a.T), (x,), (1,))
+        [result] = compile_programs([program], make_mesh(jax.devices()[:1]))
+        assert result.error is None
+        assert entries() == before
+        jax.jit(lambda a: a * 5.0 - 2.0).lower(jnp.ones(11)).compile()
+        assert len(entries()) > len(before), "the cache should work again after compile_programs"
+    finally:
+        for k, v in saved.items():
+            jax.config.update(k, v)
+        compilation_cache.reset_cache()
